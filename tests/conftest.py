@@ -1,0 +1,39 @@
+"""Shared test fixtures: the real AVE metadata and reference fixtures live in ../shared (read in place)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_root() -> Path:
+    env = os.environ.get("AVEL_SHARED")
+    return Path(env) if env else REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    root = shared_root()
+    if not (root / "ave" / "Annotations.txt").is_file():
+        pytest.fail(f"shared data not found at {root} (set AVEL_SHARED)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ave_dir(shared) -> Path:
+    return shared / "ave"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(shared) -> Path:
+    return shared / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
