@@ -28,6 +28,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -41,6 +42,7 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,3 +108,49 @@ def _jsonable(value):
     if hasattr(value, "item"):
         return value.item()
     return value
+
+
+# --- resumable training state (no pickle: tensors in safetensors, structure in JSON) ------------
+
+def save_training_state(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler, info: dict) -> None:
+    """Everything a killed run needs to continue exactly: weights, optimizer moments, schedule."""
+    folder = Path(folder)
+    opt = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    scalars: dict[str, dict] = {}
+    for pid, slots in opt["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{name}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    atomic_save_tensors(folder / "state.safetensors", tensors)
+    meta = {"param_groups": opt["param_groups"], "optim_scalars": scalars,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None, **info}
+    atomic_write_text(folder / "state.json", json.dumps(meta, indent=2, default=_jsonable))
+
+
+def load_training_state(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler) -> dict | None:
+    """Restore what :func:`save_training_state` wrote; returns its info dict (None if absent)."""
+    folder = Path(folder)
+    if not (folder / "state.json").is_file() or not (folder / "state.safetensors").is_file():
+        return None
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, slots in meta.get("optim_scalars", {}).items():
+        state.setdefault(int(pid), {}).update(slots)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    return meta

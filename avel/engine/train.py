@@ -1,0 +1,202 @@
+"""The one training loop, for every model and every task.
+
+Seeded and deterministic on CPU; per-epoch ``metrics.jsonl``; validation every ``eval_every``
+epochs; the best-on-validation checkpoint is the run folder itself (``model.safetensors`` +
+``config.json``); ``last/`` holds the resumable state, rewritten atomically after every epoch.
+Under torchrun each rank takes its slice of every global batch and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import RunConfig
+from ..data.datasets import AVEData, Batches
+from ..models import build_model
+from ..tasks import build_task
+from . import checkpoint
+from .distributed import all_reduce_sum, barrier, broadcast_object, init_from_env
+from .evaluate import evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_epoch: int
+    best_score: float
+    selection_key: str
+    best_metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
+    raise ValueError(f"unknown optimizer {o.name!r} (adam | adamw | sgd)")
+
+
+def make_schedule(optimizer, config: RunConfig, total_iters: int):
+    o = config.optim
+
+    def factor(it: int) -> float:
+        warm = min(1.0, (it + 1) / o.warmup_iters) if o.warmup_iters else 1.0
+        if o.schedule == "step":
+            return warm * o.gamma ** (it // o.step_every)
+        if o.schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / max(1, total_iters)))
+        if o.schedule == "constant":
+            return warm
+        raise ValueError(f"unknown schedule {o.schedule!r} (step | cosine | constant)")
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def train(config: RunConfig, out_dir: str | Path, *, resume: bool = False, device: str = "cpu",
+          progress: bool = True, callbacks: list[Callable[[dict], None]] = ()) -> TrainResult:
+    """Train ``config.model`` on ``config.task``; returns the best-on-validation result."""
+    out_dir = Path(out_dir)
+    dist = init_from_env(device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+
+    data = AVEData.open(config.data.root, layout=config.data.layout)
+    task = build_task(config)
+    train_src = task.train_source(data, config)
+    val_src = task.eval_source(data, config.data.val_split)
+    model = build_model(config.model, **{**task.model_dims(data), **config.model_kwargs}).to(device)
+    net = DistributedDataParallel(model) if dist.world > 1 else model
+    optimizer = make_optimizer(model.parameters(), config)
+    loader = Batches(train_src, config.batch_size, shuffle=config.shuffle, seed=config.seed,
+                     rank=dist.rank, world=dist.world)
+    iters_per_epoch = len(loader)
+    scheduler = make_schedule(optimizer, config, config.epochs * iters_per_epoch)
+
+    history: list[dict] = []
+    start_epoch, best_score, best_epoch, best_metrics = 0, -math.inf, -1, {}
+    last = out_dir / "last"
+    if resume:
+        meta = checkpoint.load_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler)
+        if meta is None:
+            log.warning("%s: nothing to resume, starting from scratch", last)
+        else:
+            if meta.get("config") != config.to_dict():
+                raise ValueError(f"{last}: the run being resumed had another config; "
+                                 "resume with the same options or use a new --out")
+            start_epoch, best_score, best_epoch = meta["epoch"], meta["best_score"], meta["best_epoch"]
+            best_metrics, history = meta.get("best_metrics", {}), meta.get("history", [])
+            log.info("resumed %s at epoch %d (best %s %.4f at epoch %d)", out_dir, start_epoch,
+                     task.selection_key, best_score, best_epoch)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(out_dir / "run.yaml", config.to_yaml())
+
+    facts = {"task": config.task, "class_names": data.class_names, "feature_spec": data.store.spec.to_dict(),
+             "segments": data.segments, "selection": task.selection_key, "run_config": config.to_dict()}
+    bar = _progress(range(start_epoch, config.epochs), progress and dist.is_main, config)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        loader.set_epoch(epoch)
+        net.train()
+        loss_sum, count = 0.0, 0
+        for batch, global_size in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            per_video = task.losses(net, batch)                          # [b]
+            # Sum over this rank's videos / global batch size, times world because DDP averages
+            # gradients over ranks: every world size gives the one-process gradient exactly.
+            loss = per_video.sum() * (dist.world / global_size)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(per_video.detach().sum())
+            count += len(per_video)
+        record = {"epoch": epoch + 1, "train_loss": all_reduce_sum(dist, loss_sum) / max(1, all_reduce_sum(dist, count)),
+                  "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(time.perf_counter() - t0, 3)}
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            improved = False
+            if dist.is_main:
+                t1 = time.perf_counter()
+                val, _ = evaluate(model, task, val_src, data.class_names, device=device)
+                score = float(val[task.selection_key])
+                record["val"] = _scalars(val)
+                record["val_seconds"] = round(time.perf_counter() - t1, 3)
+                if score > best_score:
+                    best_score, best_epoch, best_metrics, improved = score, epoch + 1, _scalars(val), True
+                    checkpoint.save(out_dir, model, **facts, epoch=epoch + 1,
+                                    val_metrics=best_metrics, selection_score=score)
+            record["improved"] = broadcast_object(dist, improved)
+        history.append(record)
+        if dist.is_main:
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            checkpoint.save_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler, info={
+                "epoch": epoch + 1, "best_score": best_score, "best_epoch": best_epoch,
+                "best_metrics": best_metrics, "history": history, "config": config.to_dict()})
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                                best=f"{best_score:.3f}" if best_epoch > 0 else "-")
+        barrier(dist)
+        for cb in callbacks:
+            cb(record)
+    return TrainResult(out_dir, best_epoch, best_score, task.selection_key, best_metrics, history)
+
+
+def _progress(epochs, enabled: bool, config: RunConfig):
+    if not enabled:
+        return epochs
+    from tqdm.auto import tqdm
+
+    return tqdm(epochs, desc=f"{config.model}/{config.task}", unit="epoch", dynamic_ncols=True)
+
+
+def train_seeds(config: RunConfig, out_dir: str | Path, seeds: list[int], *, device: str = "cpu",
+                progress: bool = True, resume: bool = False, report_splits=("val", "test")) -> dict:
+    """Train one run per seed (``out_dir/seed-S``) and report mean ± std of each split's metrics.
+
+    Selection is on validation inside each run; the test split is only *reported* here.
+    """
+    from .. import load
+    from ..data.datasets import AVEData as _Data
+
+    out_dir = Path(out_dir)
+    per_seed = {}
+    for seed in seeds:
+        run = train(replace(config, seed=seed), out_dir / f"seed-{seed}", device=device, progress=progress,
+                    resume=resume)
+        model = load(run.out_dir, map_location=device)
+        data = _Data.open(config.data.root, layout=config.data.layout)
+        task = build_task(config)
+        per_seed[seed] = {s: _scalars(evaluate(model, task, task.eval_source(data, s), data.class_names,
+                                               device=device)[0]) for s in report_splits}
+    summary: dict = {"seeds": seeds, "runs": {str(k): v for k, v in per_seed.items()}, "mean": {}, "std": {}}
+    for split in report_splits:
+        keys = per_seed[seeds[0]][split].keys()
+        vals = {k: np.array([per_seed[s][split][k] for s in seeds], dtype=float) for k in keys}
+        summary["mean"][split] = {k: float(v.mean()) for k, v in vals.items()}
+        summary["std"][split] = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in vals.items()}
+    checkpoint.atomic_write_text(out_dir / "seeds.json", json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,329 @@
+"""Decode a video file with PyAV into what the backbones eat: frames at ``fps`` and a 16 kHz mono waveform.
+
+Sampling rule (documented contract)
+-----------------------------------
+Second ``s`` of the clip is represented by ``fps`` frames sampled at the centres of its ``fps`` equal
+intervals, ``t = s + (k + 0.5) / fps`` for ``k = 0 .. fps-1`` (AVE sampled 16 frames uniformly per
+second). For every sample time the decoder keeps the *last decoded frame whose presentation time is
+<= t* (times from each frame's pts, so variable-frame-rate files are handled; the frame index is never
+used). Sample times before the first frame take the first frame. Times are measured from the
+container's start time (the FFmpeg convention, so MPEG-TS files with large pts offsets start at 0).
+Centres rather than ``s + k / fps`` avoid the ambiguity of a frame lying exactly on a boundary.
+
+Length
+------
+``T`` = ``seconds`` when given, else the container duration in whole seconds (floor, at least 1).
+Video shorter than ``T``: the last frame is repeated (flag ``padded_video``). Audio shorter than
+``T``: zeros (``padded_audio``); no audio stream: zeros (``no_audio``); no video stream or no decodable
+frame: black frames (``no_video``). Longer files are cut at ``T`` (``truncated``) and decoding stops
+there: nothing after ``T`` is decoded.
+
+Robustness
+----------
+A packet whose decoding raises an FFmpeg error is skipped and counted (``corrupt_packets``); a demuxer
+error ends the file (what was decoded so far is kept, also counted). A file that cannot be opened, or
+holds neither audio nor video, raises :class:`VideoDecodeError` naming the file and the reason.
+
+Efficiency
+----------
+Frames stream through the decoder; only sampled frames are converted to RGB (each source frame at most
+once, even when it fills several sample times, as when the source rate is below ``fps``), resized in
+the same swscale call when ``size`` is given. Video packets after ``T`` are not decoded.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FPS = 16
+DEFAULT_SAMPLE_RATE = 16000
+NO_VIDEO_SIZE = (224, 224)   # black frames for files without video when no ``size`` is asked for
+DURATION_TOLERANCE = 1e-3    # seconds: 2.9995 s counts as 3 whole seconds
+AUDIO_TOLERANCE = 0.02       # seconds of missing audio tolerated before flagging ``padded_audio``
+MAX_DEMUX_ERRORS = 1
+
+_FFMPEG_ERRORS: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(av, "FFmpegError", None), getattr(getattr(av, "error", None), "FFmpegError", None)) if e
+) or (Exception,)
+
+
+class VideoDecodeError(RuntimeError):
+    """The file cannot be decoded at all; the message names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass
+class DecodedVideo:
+    path: str
+    frames: np.ndarray            # uint8 [T * fps, H, W, 3] RGB
+    waveform: np.ndarray          # float32 [T * sample_rate] mono
+    seconds: int                  # T
+    fps: int
+    sample_rate: int
+    duration: float               # of the file in seconds (container duration, else what was decoded)
+    frame_times: np.ndarray       # float64 [T * fps]: pts (s, from the start) of the frame chosen per sample; NaN = black
+    flags: dict = field(default_factory=dict)   # padded_video, padded_audio, no_audio, no_video, truncated: bool;
+                                                # corrupt_packets: int; padded_frames: int
+
+    @property
+    def sample_times(self) -> np.ndarray:
+        return sample_times(self.seconds, self.fps)
+
+    def active_flags(self) -> dict:
+        """Only the flags that are set (for manifests)."""
+        return {k: v for k, v in self.flags.items() if v}
+
+
+def sample_times(seconds: int, fps: int) -> np.ndarray:
+    """The sample times of the rule above: ``(k + 0.5) / fps`` for ``k < seconds * fps``."""
+    return (np.arange(int(seconds) * int(fps), dtype=np.float64) + 0.5) / fps
+
+
+def _norm_size(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    h, w = (int(v) for v in size)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"size must be positive (height, width), got {size}")
+    return (h, w)
+
+
+def _container_duration(container) -> float | None:
+    if container.duration is not None and container.duration > 0:
+        return container.duration / 1e6   # AV_TIME_BASE
+    best = None
+    for s in container.streams:
+        if s.duration is not None and s.time_base is not None:
+            d = float(s.duration * s.time_base)
+            best = d if best is None else max(best, d)
+    return best
+
+
+def decode_video(path: str | Path, *, fps: int = DEFAULT_FPS, seconds: int | None = None,
+                 sample_rate: int = DEFAULT_SAMPLE_RATE, size: int | tuple[int, int] | None = None,
+                 video: bool = True, audio: bool = True, threads: int = 0) -> DecodedVideo:
+    """Decode ``path``: frames at ``fps`` per second (the sampling rule above) and a mono waveform.
+
+    ``size``: (height, width) (or one int for a square) to resize frames while decoding, aspect ratio
+    not kept (as AVE's 224x224); None keeps the source size. ``video``/``audio`` False skip a stream
+    (its output is then black/silent without a flag). ``threads``: FFmpeg decoder threads (0 = auto).
+    """
+    path = Path(path)
+    fps = int(fps)
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    size = _norm_size(size)
+    try:
+        container = av.open(str(path), mode="r")
+    except _FFMPEG_ERRORS + (OSError, ValueError) as e:
+        raise VideoDecodeError(path, f"cannot open ({type(e).__name__}: {e})") from None
+    try:
+        return _decode(container, path, fps, seconds, sample_rate, size, video, audio, threads)
+    finally:
+        container.close()
+
+
+def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_audio, threads) -> DecodedVideo:
+    vstream = container.streams.video[0] if container.streams.video else None
+    astream = container.streams.audio[0] if container.streams.audio else None
+    if vstream is None and astream is None:
+        raise VideoDecodeError(path, "no audio or video stream")
+    duration = _container_duration(container)
+    origin = container.start_time / 1e6 if container.start_time is not None else 0.0
+
+    if seconds is not None:
+        T = int(seconds)
+        if T < 1:
+            raise ValueError(f"seconds must be >= 1, got {seconds}")
+    elif duration is not None:
+        T = max(1, int(math.floor(duration + DURATION_TOLERANCE)))
+    else:
+        T = None   # unknown until decoded
+    n_samples = None if T is None else T * fps
+    audio_needed = None if T is None else T * sample_rate
+
+    decode_v = want_video and vstream is not None
+    decode_a = want_audio and astream is not None
+    streams = []
+    if decode_v:
+        vstream.thread_type = "AUTO"
+        vstream.thread_count = int(threads)
+        streams.append(vstream)
+    if decode_a:
+        streams.append(astream)
+    if not streams:
+        raise VideoDecodeError(path, "none of the requested streams is present")
+
+    corrupt = 0
+    # --- video selection state
+    chosen: list[np.ndarray] = []
+    chosen_t: list[float] = []
+    cur_frame = None            # last decoded frame (pts <= next sample time)
+    cur_t = None
+    last_dt = 1.0 / fps         # duration of the last frame (for ``padded_video``)
+    video_done = not decode_v
+    video_end = None            # end time of the last decoded frame
+    # --- audio state
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate) if decode_a else None
+    chunks: list[np.ndarray] = []
+    audio_offset = None         # samples of silence before the first decoded audio sample (negative: drop)
+    audio_have = 0
+    audio_done = not decode_a
+
+    converted = [None, None]    # (frame, RGB array) of the last conversion: each frame converted once
+
+    def to_rgb(frame):
+        if converted[0] is not frame:
+            if size is None:
+                arr = frame.to_ndarray(format="rgb24")
+            else:
+                arr = frame.reformat(width=size[1], height=size[0], format="rgb24").to_ndarray()
+            converted[:] = [frame, arr]
+        return converted[1]
+
+    def take(frame, t):
+        chosen.append(to_rgb(frame))
+        chosen_t.append(t)
+
+    def on_video(frame):
+        nonlocal cur_frame, cur_t, last_dt, video_done, video_end
+        t = frame.time
+        if t is None:
+            t = (cur_t + last_dt) if cur_t is not None else 0.0
+        else:
+            t -= origin
+        if cur_t is not None and t < cur_t:
+            return   # out-of-order frame from a damaged stream: keep the monotone timeline
+        if cur_t is not None and t > cur_t:
+            last_dt = t - cur_t
+        k = len(chosen)
+        while (n_samples is None or k < n_samples) and (k + 0.5) / fps < t:
+            take(cur_frame if cur_frame is not None else frame, cur_t if cur_frame is not None else t)
+            k += 1
+        cur_frame, cur_t = frame, t
+        video_end = t + last_dt
+        if n_samples is not None and k >= n_samples:
+            video_done = True
+
+    def on_audio_frames(frames):
+        nonlocal audio_offset, audio_have, audio_done
+        for f in frames:
+            a = f.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+            if audio_offset is None:
+                t0 = (f.time - origin) if f.time is not None else 0.0
+                audio_offset = int(round(t0 * sample_rate))
+                if audio_offset < 0:
+                    a = a[-audio_offset:]
+                    audio_offset = 0
+                elif audio_offset > 0:
+                    chunks.append(np.zeros(audio_offset, np.float32))
+                    audio_have += audio_offset
+            chunks.append(a)
+            audio_have += len(a)
+        if audio_needed is not None and audio_have >= audio_needed:
+            audio_done = True
+
+    demux = container.demux(*streams)
+    demux_errors = 0
+    while not (video_done and audio_done):
+        try:
+            packet = next(demux)
+        except StopIteration:
+            break
+        except _FFMPEG_ERRORS as e:
+            corrupt += 1
+            demux_errors += 1
+            log.warning("%s: demuxer error, keeping what was decoded (%s)", path, e)
+            if demux_errors >= MAX_DEMUX_ERRORS:
+                break
+            continue
+        is_video = decode_v and packet.stream.index == vstream.index
+        if (is_video and video_done) or (not is_video and audio_done):
+            continue
+        try:
+            decoded = packet.decode()
+        except _FFMPEG_ERRORS as e:
+            corrupt += 1
+            log.debug("%s: skipping a corrupt %s packet (%s)", path, packet.stream.type, e)
+            continue
+        if is_video:
+            for frame in decoded:
+                on_video(frame)
+                if video_done:
+                    break
+        else:
+            try:
+                on_audio_frames([r for f in decoded for r in resampler.resample(f)])
+            except _FFMPEG_ERRORS as e:
+                corrupt += 1
+                log.debug("%s: skipping undecodable audio (%s)", path, e)
+    if decode_a and not audio_done:
+        try:
+            on_audio_frames(resampler.resample(None))
+        except _FFMPEG_ERRORS:
+            pass
+
+    # --- the length, once everything available was decoded
+    audio_len = audio_have / sample_rate
+    if T is None:
+        content = max(video_end or 0.0, audio_len)
+        duration = content
+        T = max(1, int(math.floor(content + DURATION_TOLERANCE)))
+        n_samples, audio_needed = T * fps, T * sample_rate
+    if duration is None:
+        duration = max(video_end or 0.0, audio_len)
+    flags = {"padded_video": False, "padded_audio": False, "no_audio": False, "no_video": False,
+             "truncated": duration > T + DURATION_TOLERANCE + 1.0 / fps, "corrupt_packets": corrupt,
+             "padded_frames": 0}
+
+    # --- frames: the rest of the sample times take the last frame; past its end, that is padding
+    times = sample_times(T, fps)
+    if cur_frame is None:
+        h, w = size or ((vstream.height, vstream.width) if vstream is not None and vstream.height else NO_VIDEO_SIZE)
+        frames = np.zeros((n_samples, h, w, 3), np.uint8)
+        frame_times = np.full(n_samples, np.nan)
+        flags["no_video"] = want_video
+    else:
+        del chosen[n_samples:], chosen_t[n_samples:]
+        while len(chosen) < n_samples:
+            take(cur_frame, cur_t)
+        frames = np.stack(chosen)
+        frame_times = np.asarray(chosen_t, dtype=np.float64)
+        padded = int(np.sum(times >= video_end + 1e-9))
+        flags["padded_frames"] = padded
+        flags["padded_video"] = padded > 0
+
+    # --- waveform
+    if decode_a:
+        wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        if len(wave) == 0:
+            flags["no_audio"] = True
+        elif len(wave) < audio_needed - AUDIO_TOLERANCE * sample_rate:
+            flags["padded_audio"] = True
+        waveform = np.zeros(audio_needed, np.float32)
+        n = min(len(wave), audio_needed)
+        waveform[:n] = wave[:n]
+    else:
+        waveform = np.zeros(audio_needed, np.float32)
+        flags["no_audio"] = want_audio
+    return DecodedVideo(str(path), frames, waveform, T, fps, sample_rate, float(duration), frame_times, flags)
+
+
+def decode_audio(path: str | Path, *, seconds: int | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE) -> DecodedVideo:
+    """Only the waveform of ``path`` (any audio or video file); ``frames`` is an empty array."""
+    d = decode_video(path, seconds=seconds, sample_rate=sample_rate, video=False, size=(2, 2))
+    d.frames = d.frames[:0]
+    return d

@@ -1,0 +1,192 @@
+"""Tasks: what to train on, how to turn model outputs into a loss, and how to score predictions.
+
+The trainer and evaluator call only these methods, so any registered model trains in any task
+whose inputs it accepts, and no engine code branches on a model's name.
+
+- supervised: per-segment targets; loss on every segment.
+- weak: video labels only (plus background-only videos); segment scores are max-pooled over
+  time to a video prediction for the loss (multiple-instance learning); evaluation still scores
+  every segment.
+- cml: cross-modal matching; pairs of (visual second, audio second) with a contrastive loss;
+  evaluation is the A2V / V2A window search.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from .config import RunConfig
+from .data.datasets import AVEData, ConcatRows, GridMeanRows, PairRows, SegmentRows
+from .data.errors import DataError
+from .data.store import open_store
+from .models.cml import pairwise_distance
+
+
+def segment_losses(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-video loss [B] from logits [B, ..., C] and one-hot targets of the same shape."""
+    if kind == "softmax_mlsm":
+        # The 2018 code: MultiLabelSoftMarginLoss (sigmoid BCE averaged over every element)
+        # applied to the *softmax probabilities*, not to logits.
+        probs = logits.softmax(-1)
+        bce = F.binary_cross_entropy_with_logits(probs, target, reduction="none")
+        return bce.flatten(1).mean(1)
+    if kind == "ce":
+        ce = F.cross_entropy(logits.flatten(0, -2), target.flatten(0, -2).argmax(-1), reduction="none")
+        return ce.view(logits.shape[0], -1).mean(1)
+    raise ValueError(f"unknown loss {kind!r} for this task (softmax_mlsm | ce)")
+
+
+@dataclass
+class SupervisedTask:
+    name: str = "supervised"
+    loss: str = "softmax_mlsm"
+    selection_key: str = "accuracy"
+
+    def model_dims(self, data: AVEData) -> dict:
+        v = data.store.visual.shape
+        return {"audio_dim": data.store.audio.shape[-1], "visual_dim": v[-1], "grid": tuple(v[2:4]),
+                "num_classes": data.num_classes}
+
+    def rows(self, data: AVEData, split: str) -> SegmentRows:
+        return SegmentRows(data.store, data.targets, data.video_labels, data.split(split))
+
+    def train_source(self, data: AVEData, config: RunConfig):
+        return self.rows(data, config.data.train_split)
+
+    def eval_source(self, data: AVEData, split: str):
+        return self.rows(data, split)
+
+    def losses(self, model, batch: dict) -> torch.Tensor:
+        return segment_losses(model(batch["audio"], batch["visual"])["logits"], batch["target"], self.loss)
+
+    def predict(self, model, batch: dict) -> dict[str, np.ndarray]:
+        logits = model(batch["audio"], batch["visual"])["logits"]
+        return {"scores": logits.softmax(-1).cpu().numpy(), "target": batch["target"].cpu().numpy(),
+                "index": batch["index"].cpu().numpy()}
+
+    def score(self, out: dict[str, np.ndarray], class_names: list[str]) -> dict:
+        return metrics.summarize(out["scores"], out["target"], class_names)
+
+
+@dataclass
+class WeakTask(SupervisedTask):
+    """Multiple-instance learning: the video prediction is the max over time of segment scores."""
+
+    name: str = "weak"
+    selection_key: str = "video_accuracy"   # honest default: uses only weak (video) labels
+
+    def train_source(self, data: AVEData, config: RunConfig):
+        sources = [self.rows(data, config.data.train_split)]
+        backgrounds = []
+        if config.data.official_background and (data.root / "audio_feature_noisy.h5").is_file():
+            backgrounds.append(open_store(data.root, layout="h5", audio_file="audio_feature_noisy.h5",
+                                          visual_file="visual_feature_noisy.h5"))
+        for folder in config.data.background:
+            backgrounds.append(open_store(folder))
+        for store in backgrounds:
+            problems = store.spec.compatible_with(data.store.spec)
+            if problems or store.segments != data.segments:
+                raise DataError(f"{store.root}: background features do not match the data: "
+                                f"{'; '.join(problems) or 'segment count differs'}")
+            sources.append(background_rows(store, data.num_classes))
+        return ConcatRows(sources) if len(sources) > 1 else sources[0]
+
+    def losses(self, model, batch: dict) -> torch.Tensor:
+        logits = model(batch["audio"], batch["visual"])["logits"]           # [B, T, C]
+        pooled = logits.max(dim=1).values                                   # [B, C]
+        return segment_losses(pooled, batch["video_label"], self.loss)
+
+    def predict(self, model, batch: dict) -> dict[str, np.ndarray]:
+        logits = model(batch["audio"], batch["visual"])["logits"]
+        return {"scores": logits.softmax(-1).cpu().numpy(),
+                "video_scores": logits.max(dim=1).values.softmax(-1).cpu().numpy(),
+                "target": batch["target"].cpu().numpy(), "video_label": batch["video_label"].cpu().numpy(),
+                "index": batch["index"].cpu().numpy()}
+
+    def score(self, out: dict[str, np.ndarray], class_names: list[str]) -> dict:
+        result = metrics.summarize(out["scores"], out["target"], class_names)
+        result["video_accuracy"] = metrics.video_accuracy(out["video_scores"], out["video_label"])
+        return result
+
+
+def background_rows(store, num_classes: int) -> SegmentRows:
+    n, T = len(store), store.segments
+    targets = np.zeros((n, T, num_classes), np.float32)
+    targets[..., num_classes - 1] = 1
+    video = np.zeros((n, num_classes), np.float32)
+    video[:, num_classes - 1] = 1
+    return SegmentRows(store, targets, video, np.arange(n))
+
+
+@dataclass
+class CrossModalTask:
+    """Cross-modal matching: contrastive loss on (visual t, audio t) pairs; A2V/V2A search."""
+
+    name: str = "cml"
+    margin: float = 2.0
+    selection_key: str = "mean_accuracy"
+
+    def model_dims(self, data: AVEData) -> dict:
+        return {"audio_dim": data.store.audio.shape[-1], "visual_dim": data.store.visual.shape[-1]}
+
+    def _vectors(self, data: AVEData):
+        # visual_feature_vec.h5 when present, else pool5 averaged over the grid on the fly.
+        return data.visual_vectors() or GridMeanRows(data.store.visual)
+
+    def train_source(self, data: AVEData, config: RunConfig):
+        return PairRows(data.store.audio, self._vectors(data), data.event_mask,
+                        data.split(config.data.train_split, match=True), data.segments)
+
+    def eval_source(self, data: AVEData, split: str):
+        return VideoVectors(data.store.audio, self._vectors(data), data.event_mask, data.split(split, match=True))
+
+    def losses(self, model, batch: dict) -> torch.Tensor:
+        d = model(batch["audio"], batch["visual"])["distance"]             # [B]
+        y = batch["target"].to(d.dtype)
+        return y * d.pow(2) + (1 - y) * (self.margin - d).clamp_min(0).pow(2)
+
+    def predict(self, model, batch: dict) -> dict[str, np.ndarray]:
+        e_a, e_v = model.embed(batch["audio"], batch["visual"])             # [B, T, E] each
+        dists = pairwise_distance(e_v, e_a)                                 # [B, T(visual), T(audio)]
+        return {"dists": dists.cpu().numpy(), "event_mask": batch["event_mask"].cpu().numpy(),
+                "index": batch["index"].cpu().numpy()}
+
+    def score(self, out: dict[str, np.ndarray], class_names: list[str]) -> dict:
+        result = metrics.cross_modal_localization(out["dists"], out["event_mask"])
+        result["mean_accuracy"] = (result["a2v_accuracy"] + result["v2a_accuracy"]) / 2
+        return result
+
+
+@dataclass
+class VideoVectors:
+    """Whole videos as per-second vectors for the cross-modal evaluation."""
+
+    audio: object
+    visual_vec: object
+    event_mask: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, indices) -> dict[str, np.ndarray]:
+        rows = self.rows[np.asarray(indices)]
+        return {"audio": self.audio.read(rows), "visual": self.visual_vec.read(rows),
+                "event_mask": self.event_mask[rows], "index": rows}
+
+
+def build_task(config: RunConfig):
+    if config.task == "supervised":
+        return SupervisedTask(loss=config.loss)
+    if config.task == "weak":
+        key = {"default": "video_accuracy", "video": "video_accuracy", "segment": "accuracy"}.get(config.selection)
+        if key is None:
+            raise ValueError(f"weak task selection must be 'video' or 'segment', not {config.selection!r}")
+        return WeakTask(loss=config.loss, selection_key=key)
+    if config.task == "cml":
+        return CrossModalTask(margin=config.margin)
+    raise ValueError(f"unknown task {config.task!r} (supervised | weak | cml)")
