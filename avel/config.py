@@ -58,13 +58,21 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         d = dict(d)
-        optim = OptimConfig(**d.pop("optim", {}))
-        data = dict(d.pop("data", {}))
+        optim = dict(d.pop("optim", None) or {})
+        data = dict(d.pop("data", None) or {})
         data["background"] = tuple(data.get("background", ()))
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        return cls(**d, optim=optim, data=DataConfig(**data))
+        for section, kind, values in (("", cls, d), ("optim.", OptimConfig, optim), ("data.", DataConfig, data)):
+            unknown = set(values) - {f.name for f in dataclasses.fields(kind)}
+            if unknown:
+                raise ValueError(f"unknown config keys: {sorted(section + k for k in unknown)}")
+            for f in dataclasses.fields(kind):
+                # YAML 1.1 reads '3e-4' (no dot) as a string: float fields take it as the number.
+                if f.type == "float" and isinstance(values.get(f.name), (str, int)) and not isinstance(values[f.name], bool):
+                    try:
+                        values[f.name] = float(values[f.name])
+                    except ValueError:
+                        raise ValueError(f"{section}{f.name}: expected a number, got {values[f.name]!r}") from None
+        return cls(**d, optim=OptimConfig(**optim), data=DataConfig(**data))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -89,9 +89,12 @@ class WeakTask(SupervisedTask):
             backgrounds.append(open_store(folder))
         for store in backgrounds:
             problems = store.spec.compatible_with(data.store.spec)
-            if problems or store.segments != data.segments:
-                raise DataError(f"{store.root}: background features do not match the data: "
-                                f"{'; '.join(problems) or 'segment count differs'}")
+            for name in ("audio", "visual"):
+                got, want = getattr(store, name).shape[1:], getattr(data.store, name).shape[1:]
+                if got != want:
+                    problems.append(f"{getattr(store, name).path.name} rows are {list(got)}, the data's {list(want)}")
+            if problems:
+                raise DataError(f"{store.root}: background features do not match the data: {'; '.join(problems)}")
             sources.append(background_rows(store, data.num_classes))
         return ConcatRows(sources) if len(sources) > 1 else sources[0]
 

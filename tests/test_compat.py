@@ -149,6 +149,7 @@ class _Writer(pickle._Pickler):
         super().__init__(f, protocol=2)
         self.legacy, self.location, self.storage_type, self.source = legacy, location, storage_type, source
         self.storages: dict[str, _Storage] = {}
+        self.classes: set[type] = set()
 
     def save_global(self, obj, name=None):
         spec = getattr(obj, "_global", None)
@@ -158,7 +159,8 @@ class _Writer(pickle._Pickler):
         self.memoize(obj)
 
     def persistent_id(self, obj):
-        if self.legacy and isinstance(obj, type) and getattr(obj, "_is_module", False):
+        if self.legacy and isinstance(obj, type) and getattr(obj, "_is_module", False) and obj not in self.classes:
+            self.classes.add(obj)     # as torch: a module class becomes a persistent id at its first use only
             return ("module", obj) + self.source
         if isinstance(obj, _Storage):
             self.storages[obj.key] = obj

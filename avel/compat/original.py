@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import pickle
 import struct
 import zipfile
@@ -327,6 +328,7 @@ def _read_legacy(f, source: str):
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise OriginalCheckpointError(f"{source}: malformed storage key list")
     data: dict[str, torch.Tensor] = {}
+    size = os.fstat(f.fileno()).st_size
     for key in keys:
         storage = storages.get(key)
         if storage is None:
@@ -339,6 +341,8 @@ def _read_legacy(f, source: str):
             raise OriginalCheckpointError(
                 f"{source}: storage {key!r} holds {count} elements, the pickle says {storage.numel}")
         nbytes = count * storage.dtype.itemsize
+        if nbytes > size - f.tell():
+            raise OriginalCheckpointError(f"{source}: file is truncated inside storage record {key!r}")
         raw = f.read(nbytes)
         if len(raw) != nbytes:
             raise OriginalCheckpointError(f"{source}: file is truncated inside storage record {key!r}")
@@ -516,10 +520,10 @@ def load_original(path: str | Path, *, kind: str | None = None) -> nn.Module:
     """
     from ..models import build_model
 
-    ckpt = read_original(path)
-    source = str(ckpt.path)
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    ckpt = read_original(path)
+    source = str(ckpt.path)
     if kind is None:
         if ckpt.kind != "state_dict":
             kind = ckpt.kind

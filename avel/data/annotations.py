@@ -67,8 +67,10 @@ def read_lines(path: Path) -> list[str]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line} is not valid UTF-8 (byte {e.start})") from None
+        # utf-8-sig reports positions after a leading BOM: count it back for the byte offset.
+        pos = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+        line = raw[:pos].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not valid UTF-8 (byte {pos})") from None
     return text.splitlines()
 
 

@@ -107,7 +107,13 @@ class AVEData:
 
     def visual_vectors(self) -> "H5Rows | None":
         path = self.root / "visual_feature_vec.h5"
-        return H5Rows(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        rows = H5Rows(path)
+        want = (len(self.annotations), self.segments, self.store.visual.shape[-1])
+        if rows.shape != want:
+            raise DataError(f"{path}: shape {rows.shape}, expected {want} from the annotations and visual features")
+        return rows
 
 
 def _find(root: Path, name: str) -> Path:

@@ -167,14 +167,15 @@ def open_store(root: str | Path, *, layout: str = "auto", audio_file: str = "aud
     else:
         audio, visual = H5Rows(root / audio_file), H5Rows(root / visual_file)
         spec = read_spec(root)
-    if len(audio) != len(visual):
-        raise DataError(f"{root}: {audio.path.name} has {len(audio)} rows but {visual.path.name} has {len(visual)}")
-    if audio.shape[1] != visual.shape[1]:
-        raise DataError(f"{root}: audio has {audio.shape[1]} segments per row, visual {visual.shape[1]}")
     if len(audio.shape) != 3:
         raise DataError(f"{audio.path}: expected [N, T, D], got shape {audio.shape}")
     if len(visual.shape) not in (3, 5):
         raise DataError(f"{visual.path}: expected [N, T, H, W, D] (or [N, T, D]), got shape {visual.shape}")
+    if len(audio) != len(visual):
+        raise DataError(f"{root}: {audio.path.name} has {len(audio)} rows but {visual.path.name} has {len(visual)}")
+    if audio.shape[1] != visual.shape[1]:
+        raise DataError(f"{root}: {audio.path.name} has {audio.shape[1]} segments per row, "
+                        f"{visual.path.name} has {visual.shape[1]}")
     return FeatureStore(root, audio, visual, spec, "packed" if use_packed else "h5")
 
 

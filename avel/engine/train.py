@@ -111,6 +111,9 @@ def train(config: RunConfig, out_dir: str | Path, *, resume: bool = False, devic
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(out_dir / "run.yaml", config.to_yaml())
+        # metrics.jsonl restarts from the resumed history (empty for a fresh run): no lines of an
+        # earlier run in the same folder, no duplicate of an epoch logged just before a kill.
+        checkpoint.atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     facts = {"task": config.task, "class_names": data.class_names, "feature_spec": data.store.spec.to_dict(),
              "segments": data.segments, "selection": task.selection_key, "run_config": config.to_dict()}

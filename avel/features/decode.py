@@ -47,7 +47,6 @@ DEFAULT_SAMPLE_RATE = 16000
 NO_VIDEO_SIZE = (224, 224)   # black frames for files without video when no ``size`` is asked for
 DURATION_TOLERANCE = 1e-3    # seconds: 2.9995 s counts as 3 whole seconds
 AUDIO_TOLERANCE = 0.02       # seconds of missing audio tolerated before flagging ``padded_audio``
-MAX_DEMUX_ERRORS = 1
 
 _FFMPEG_ERRORS: tuple[type[BaseException], ...] = tuple(
     e for e in (getattr(av, "FFmpegError", None), getattr(getattr(av, "error", None), "FFmpegError", None)) if e
@@ -129,7 +128,8 @@ def decode_video(path: str | Path, *, fps: int = DEFAULT_FPS, seconds: int | Non
     try:
         container = av.open(str(path), mode="r")
     except _FFMPEG_ERRORS + (OSError, ValueError) as e:
-        raise VideoDecodeError(path, f"cannot open ({type(e).__name__}: {e})") from None
+        reason = getattr(e, "strerror", None) or str(e)
+        raise VideoDecodeError(path, f"cannot open ({type(e).__name__}: {reason})") from None
     try:
         return _decode(container, path, fps, seconds, sample_rate, size, video, audio, threads)
     finally:
@@ -179,7 +179,7 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
     # --- audio state
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate) if decode_a else None
     chunks: list[np.ndarray] = []
-    audio_offset = None         # samples of silence before the first decoded audio sample (negative: drop)
+    gap_tolerance = int(AUDIO_TOLERANCE * sample_rate)
     audio_have = 0
     audio_done = not decode_a
 
@@ -219,37 +219,33 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
             video_done = True
 
     def on_audio_frames(frames):
-        nonlocal audio_offset, audio_have, audio_done
+        nonlocal audio_have, audio_done
         for f in frames:
             a = f.to_ndarray().reshape(-1).astype(np.float32, copy=False)
-            if audio_offset is None:
-                t0 = (f.time - origin) if f.time is not None else 0.0
-                audio_offset = int(round(t0 * sample_rate))
-                if audio_offset < 0:
-                    a = a[-audio_offset:]
-                    audio_offset = 0
-                elif audio_offset > 0:
-                    chunks.append(np.zeros(audio_offset, np.float32))
-                    audio_have += audio_offset
+            # Place samples by timestamp: silence before a late start or across a gap (lost packets),
+            # overlapping samples dropped, so the audio stays aligned with the frames.
+            if f.time is not None:
+                pos = int(round((f.time - origin) * sample_rate))
+                if pos - audio_have > gap_tolerance or (audio_have == 0 and pos > 0):
+                    chunks.append(np.zeros(pos - audio_have, np.float32))
+                    audio_have = pos
+                elif audio_have - pos > gap_tolerance or pos < 0:
+                    a = a[audio_have - pos:]
             chunks.append(a)
             audio_have += len(a)
         if audio_needed is not None and audio_have >= audio_needed:
             audio_done = True
 
     demux = container.demux(*streams)
-    demux_errors = 0
     while not (video_done and audio_done):
         try:
             packet = next(demux)
         except StopIteration:
             break
-        except _FFMPEG_ERRORS as e:
+        except _FFMPEG_ERRORS as e:   # a demuxer error ends the generator: keep what was decoded
             corrupt += 1
-            demux_errors += 1
             log.warning("%s: demuxer error, keeping what was decoded (%s)", path, e)
-            if demux_errors >= MAX_DEMUX_ERRORS:
-                break
-            continue
+            break
         is_video = decode_v and packet.stream.index == vstream.index
         if (is_video and video_done) or (not is_video and audio_done):
             continue

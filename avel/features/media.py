@@ -83,6 +83,8 @@ def write_clip(path: str | Path, frames: np.ndarray | None, fps: float = 16, aud
             if vfr_pts is not None:
                 vstream.codec_context.time_base = VFR_TIME_BASE
                 vstream.time_base = VFR_TIME_BASE
+                # No B-frames: with reordering the mp4 muxer derives the duration from shifted dts.
+                vstream.codec_context.max_b_frames = 0
             if gop:
                 vstream.codec_context.gop_size = gop
             if vstream.codec_context.name == "libx264":

@@ -53,7 +53,7 @@ def _half_window(filt: SincFilter) -> np.ndarray:
     return win
 
 
-def _phases(n_orig: int, n_out: int, sr_orig: float, sr_new: float, num_table: int):
+def _phases(n_out: int, sr_orig: float, sr_new: float, num_table: int):
     """Per output sample: input index n, and (offset, eta) into the table for the left and right wings."""
     ratio = float(sr_new) / sr_orig
     scale = min(1.0, ratio)
@@ -120,7 +120,7 @@ def resample(x: np.ndarray, sr_orig: float, sr_new: float, *, axis: int = -1,
     step = int(min(1.0, ratio) * filt.num_table)
     nwin = win.shape[0]
 
-    n, off_l, eta_l, off_r, eta_r = _phases(n_orig, n_out, sr_orig, sr_new, filt.num_table)
+    n, off_l, eta_l, off_r, eta_r = _phases(n_out, sr_orig, sr_new, filt.num_table)
     taps_l = int((nwin - off_l.min()) // step)
     taps_r = int((nwin - off_r.min()) // step)
     width = taps_l + taps_r
@@ -130,10 +130,10 @@ def resample(x: np.ndarray, sr_orig: float, sr_new: float, *, axis: int = -1,
     views = sliding_window_view(xpad, width, axis=-1)  # [C, len, width]
     start = n + 1  # window of output t covers x[n - taps_l + 1 .. n + taps_r]
 
-    # Group output samples by filter phase: with a rational ratio the phases repeat. The weights are a
-    # continuous function of the phase, so outputs whose phases agree to 2**-20 of a table step share the
-    # weights of the group's first member (error < 1e-9 relative); float rounding of the time register only
-    # splits a group, never merges distinct phases.
+    # Group output samples by filter phase (the left-wing table position; the right wing's follows from it):
+    # with a rational ratio the phases repeat. The weights are a continuous function of the phase, so
+    # outputs whose phases agree to 2**-20 of a table step share the weights of the group's first member
+    # (a weight error below 1e-9); float rounding of the time register at most splits a group.
     key = np.round((off_l + eta_l) * 2.0 ** 20).astype(np.int64)
     order = np.argsort(key, kind="stable")
     groups = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)

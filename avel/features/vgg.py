@@ -23,8 +23,7 @@ from torch import nn
 
 from .backbones import register_visual
 from .spec import StreamSpec
-from .vggish import load_state_file
-from .weights import VGG19_KERAS, VGG19_TORCHVISION, resolve_weights
+from .weights import VGG19_KERAS, VGG19_TORCHVISION, load_state_file, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +153,12 @@ class VGG19Pool5Backbone:
     def __init__(self, model: VGG19, *, mode: str, spec: StreamSpec, device: str = "cpu", batch_size: int = 32) -> None:
         if mode not in PREPROCESSING:
             raise ValueError(f"unknown preprocessing mode {mode!r}")
-        self.model = model.to(device).eval()
+        self.model = model.to(device).eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU
         self.mode = mode
         self.spec = spec
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.input_size = (224, 224)  # (height, width) the network sees; other sizes are resized
 
     def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         return preprocess(frames, mode=self.mode)
@@ -168,6 +168,7 @@ class VGG19Pool5Backbone:
         with torch.inference_mode():
             for a in range(0, len(frames), self.batch_size):
                 x = self.preprocess(frames[a:a + self.batch_size]).to(self.device)  # [n, 3, 224, 224]
+                x = x.contiguous(memory_format=torch.channels_last)
                 out.append(self.model(x).permute(0, 2, 3, 1).float().cpu())       # [n, 7, 7, 512]
         if not out:
             return torch.zeros((0, 7, 7, 512))

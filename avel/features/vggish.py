@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 from .backbones import register_audio
 from .logmel import SAMPLE_RATE, segment_examples
 from .spec import StreamSpec
-from .weights import resolve_weights, tag_for
+from .weights import load_state_file, resolve_weights, tag_for
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +48,6 @@ class VGGish(nn.Module):
         x = self.features(x)                       # [N, 512, 6, 4]
         x = x.permute(0, 2, 3, 1).flatten(1)       # [N, 6*4*512] in (H, W, C) order
         return self.embeddings(x)                  # [N, 128]
-
-
-def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A tensor dict from a .pth/.pt (``torch.load(weights_only=True)``) or .safetensors file."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return sd
 
 
 def load_vggish_weights(model: VGGish, path: str | os.PathLike) -> VGGish:

@@ -136,6 +136,20 @@ def resolve_weights(model: str, path: str | os.PathLike | None = None, *, allow_
         raise _not_found(mw, f"download of {f.url} failed: {e}") from e
 
 
+def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A tensor dict from a .pth/.pt (``torch.load(weights_only=True)``) or .safetensors file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+    return sd
+
+
 def tag_for(path: str | os.PathLike) -> str | None:
     """The feature-spec weights tag of a known file name (None for an unknown name)."""
     name = Path(path).name
