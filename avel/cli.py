@@ -134,6 +134,9 @@ def _add_feature_commands(sub, common, ckpt, js) -> None:
     p.add_argument("--workers", type=int, default=2, help="parallel decoding threads")
     p.add_argument("--num-shards", type=int)
     p.add_argument("--shard-index", type=int)
+    p.add_argument("--retry-failed", action="store_true", help="on resume, try again the videos that failed")
+    p.add_argument("--keep-parts", action="store_true", help="keep the per-video parts after the store is written")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("localize", parents=[common, ckpt], help="per-second events in your own videos")
@@ -209,6 +212,10 @@ def cmd_evaluate(args) -> int:
         if problems:
             raise DataError(f"{args.data_root}: features do not match checkpoint {args.checkpoint}: " + "; ".join(problems))
     run = RunConfig.from_dict(cfg["run_config"]) if "run_config" in cfg else RunConfig(task=cfg.get("task", "supervised"))
+    if run.task != "cml" and cfg.get("class_names") and list(cfg["class_names"]) != data.class_names:
+        # Scores are class indices: another class list would be scored silently wrong.
+        raise DataError(f"{args.data_root}: classes {data.class_names} differ from checkpoint {args.checkpoint}'s "
+                        f"{cfg['class_names']}")
     task = build_task(run)
     metrics, out = evaluate(model, task, task.eval_source(data, args.split), data.class_names,
                             batch_size=args.batch_size, device=args.device)
@@ -299,7 +306,8 @@ def cmd_extract(args) -> int:
     result = run_extract(args.inputs, str(args.out), video_dir=args.video_dir, audio=args.audio, visual=args.visual,
                          audio_weights=args.audio_weights, visual_weights=args.visual_weights, seconds=args.seconds,
                          fps=args.fps, batch_frames=args.batch_frames, workers=args.workers,
-                         num_shards=args.num_shards, shard_index=args.shard_index, device=args.device)
+                         num_shards=args.num_shards, shard_index=args.shard_index, device=args.device,
+                         progress=not args.no_progress, keep_parts=args.keep_parts, retry_failed=args.retry_failed)
     print(result)
     return 0
 

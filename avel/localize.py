@@ -379,7 +379,9 @@ def build_backbones(spec: FeatureSpec | None, *, device: str = "cpu", audio_weig
                                  device=device)
     vkw = {}
     per_cell = _SIZE_SET_GRID.get(spec.visual.backbone)
-    if per_cell and spec.visual.grid and tuple(spec.visual.grid) != (7, 7):
+    if per_cell and spec.visual.input_size:
+        vkw["image_size"] = int(spec.visual.input_size[0])    # recorded by the extractor
+    elif per_cell and spec.visual.grid and tuple(spec.visual.grid) != (7, 7):   # specs older than input_size
         vkw["image_size"] = per_cell * int(spec.visual.grid[0])
     visual = build_visual_backbone(spec.visual.backbone, weights=_weights_arg(spec.visual.weights, visual_weights),
                                    device=device, **vkw)
@@ -461,7 +463,11 @@ def run_localize(videos: Sequence[str | Path], *, checkpoint: str | Path, out: s
         loc = Localizer.from_checkpoint(checkpoint, device=device, audio_weights=audio_weights,
                                         visual_weights=visual_weights)
         loc.backbones()
-    except (LocalizeError, WeightsNotFoundError, FileNotFoundError, KeyError, ValueError) as e:
+    except WeightsNotFoundError as e:
+        print(f"avel localize: error: {e}\n(on the command line: --audio-weights FILE / --visual-weights FILE)",
+              file=sys.stderr)
+        return 2
+    except (LocalizeError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"avel localize: error: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)

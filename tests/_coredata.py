@@ -24,9 +24,9 @@ def synth(root: Path, **kw) -> Path:
 def quick_config(root: Path, *, task: str = "supervised", recipe_name: str = "original", **kw) -> RunConfig:
     """A run config that trains in about a second on a ``synth`` folder."""
     c = recipe(recipe_name, task)
-    base = dict(epochs=4, batch_size=16, eval_every=1, threads=1)
-    if task != "cml":
-        base["model_kwargs"] = dict(TINY_MODEL)
+    base = dict(epochs=4, eval_every=1, threads=1)
+    if task != "cml":                       # cml keeps the recipe's batch of 8 pairs
+        base.update(batch_size=16, model_kwargs=dict(TINY_MODEL))
     base.update(kw)
     return replace(c, data=replace(c.data, root=str(root)), **base)
 

@@ -74,10 +74,18 @@ def _scalars(metrics: dict) -> dict:
 def train(config: RunConfig, out_dir: str | Path, *, resume: bool = False, device: str = "cpu",
           progress: bool = True, callbacks: list[Callable[[dict], None]] = ()) -> TrainResult:
     """Train ``config.model`` on ``config.task``; returns the best-on-validation result."""
-    out_dir = Path(out_dir)
-    dist = init_from_env(device)
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _train(config, Path(out_dir), resume=resume, device=device, progress=progress, callbacks=callbacks)
+    finally:
+        torch.set_num_threads(threads)  # the process's setting is the caller's, not the run's
+
+
+def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progress: bool,
+           callbacks: list[Callable[[dict], None]]) -> TrainResult:
+    dist = init_from_env(device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
 
@@ -147,7 +155,7 @@ def train(config: RunConfig, out_dir: str | Path, *, resume: bool = False, devic
                 score = float(val[task.selection_key])
                 record["val"] = _scalars(val)
                 record["val_seconds"] = round(time.perf_counter() - t1, 3)
-                if score > best_score:
+                if score >= best_score:  # on ties keep the later, longer-trained weights
                     best_score, best_epoch, best_metrics, improved = score, epoch + 1, _scalars(val), True
                     checkpoint.save(out_dir, model, **facts, epoch=epoch + 1,
                                     val_metrics=best_metrics, selection_score=score)

@@ -221,5 +221,5 @@ def build_efficientnet_lite0(*, weights: str | os.PathLike | None = None, device
         model = load_efficientnet_lite0(weights)
         tag = weights_tag or WEIGHTS_TAG
     g = math.ceil(image_size / 32)
-    spec = StreamSpec("efficientnet-lite0", 1280, (g, g), 1.0, 16, 0, tag, PREPROCESSING_TAG)
+    spec = StreamSpec("efficientnet-lite0", 1280, (g, g), 1.0, 16, 0, tag, PREPROCESSING_TAG, (image_size, image_size))
     return EfficientNetLite0Backbone(model, spec=spec, device=device, batch_size=batch_size, image_size=image_size)

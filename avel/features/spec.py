@@ -16,16 +16,20 @@ class StreamSpec:
     sample_rate: int = 0          # audio sample rate the backbone consumed (16000 for VGGish)
     weights: str = ""             # which weights made it ('keras-imagenet', 'torchvision-imagenet', 'random', ...)
     preprocessing: str = ""       # e.g. 'caffe-bgr-mean', 'torchvision-rgb-std'
+    input_size: tuple[int, ...] = ()  # (H, W) frames were resized to before the CNN; () for audio
+
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["grid"] = list(self.grid)
+        d["input_size"] = list(self.input_size)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "StreamSpec":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         known["grid"] = tuple(known.get("grid", ()))
+        known["input_size"] = tuple(known.get("input_size", ()))
         return cls(**known)
 
 
@@ -47,7 +51,9 @@ class FeatureSpec:
         problems = []
         for name in ("audio", "visual"):
             a, b = getattr(self, name), getattr(other, name)
-            for key in ("backbone", "dim", "grid", "weights"):
+            for key in ("backbone", "dim", "grid", "weights", "input_size"):
+                if key == "input_size" and not (a.input_size and b.input_size):
+                    continue  # older specs do not record it
                 if getattr(a, key) != getattr(b, key):
                     problems.append(f"{name} {key}: features have {getattr(a, key)!r}, model expects {getattr(b, key)!r}")
         return problems
@@ -57,5 +63,5 @@ class FeatureSpec:
 # 16 frames per second averaged, Keras ImageNet weights with Caffe preprocessing.
 AVE_OFFICIAL = FeatureSpec(
     audio=StreamSpec("vggish", 128, (), 1.0, 1, 16000, "vggish-audioset", "vggish-logmel"),
-    visual=StreamSpec("vgg19-pool5", 512, (7, 7), 1.0, 16, 0, "keras-imagenet", "caffe-bgr-mean"),
+    visual=StreamSpec("vgg19-pool5", 512, (7, 7), 1.0, 16, 0, "keras-imagenet", "caffe-bgr-mean", (224, 224)),
 )

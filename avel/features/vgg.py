@@ -196,5 +196,5 @@ def build_vgg19_pool5(*, weights: str | os.PathLike | None = None, device: str =
             raise ValueError(f"{path} holds {mode} weights, which need {mode!r} preprocessing, not {preprocessing!r}")
         tag = weights_tag or (VGG19_KERAS.tag if mode == "keras" else VGG19_TORCHVISION.tag)
         log.info("vgg19 weights: %s (%s, %s preprocessing)", path, tag, PREPROCESSING[mode])
-    spec = StreamSpec("vgg19-pool5", 512, (7, 7), 1.0, 16, 0, tag, PREPROCESSING[mode])
+    spec = StreamSpec("vgg19-pool5", 512, (7, 7), 1.0, 16, 0, tag, PREPROCESSING[mode], (224, 224))
     return VGG19Pool5Backbone(model, mode=mode, spec=spec, device=device, batch_size=batch_size)

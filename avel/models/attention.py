@@ -5,76 +5,171 @@ visual vector is the softmax-weighted sum of the *raw* region features. Paramete
 (affine_audio, affine_video, affine_v, affine_g, affine_h) follow the official ``att_Net`` so
 that its checkpoints load by name.
 
-Speed: the region projection ``affine_v(relu(affine_video(V)))`` is ~90% of the A+V-att FLOPs.
-It runs as one autograd function over row chunks (:class:`_RegionScores`), so the only
-[B*T*H*W, hidden] tensor made is the ReLU output that backward needs: no separate pre-activation,
-ReLU-gradient or hidden-gradient tensors (each a fresh 64 MB allocation per AVE batch of 64), and
-each chunk is still in cache when ``affine_v`` reads it. Same arithmetic as the plain modules;
-gradients differ only in float summation order.
+Speed (CPU, float32): the region projection ``affine_v(relu(affine_video(V)))`` is ~90% of the
+A+V-att FLOPs and its [B*T*H*W, 512] activations are 64 MB per AVE batch. Written as separate
+modules, every step allocates four such blocks (pre-activation, ReLU output, and two gradients),
+each a fresh memory mapping whose pages fault in on first touch, and streams the region features
+through memory three times. Here the region part runs as one autograd function
+(:class:`_AttendFunction`) over chunks of whole segments: projection, ReLU, scores, tanh,
+``affine_h``, softmax and the attended sum are done per chunk while its rows are in cache; the
+only large tensor kept for backward is the ReLU output, in a buffer reused from step to step
+(:class:`Workspace`); backward walks the same chunks. Forward values are those of the plain
+modules (bitwise on CPU); gradients differ only in float summation order. GPUs, other dtypes,
+autocast and ``torch.compile`` use the plain modules (:meth:`AudioGuidedAttention.reference`).
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Rows of the region matrix handled per chunk: big enough for efficient GEMMs, small enough
-# (1024 x 512 float32 = 2 MB) that the chunk of hidden activations is still in cache for affine_v.
+# Rows of the region matrix per chunk (rounded down to whole segments): big enough for efficient
+# GEMMs, small enough (1024 x 512 float32 = 2 MB) to stay in cache between the chunk's steps.
 CHUNK_ROWS = 1024
 
 
-class _RegionScores(torch.autograd.Function):
-    """s = relu(x @ weight.T + bias) @ score_weight.T for x [N, Dv] -> s [N, R], chunked over rows."""
+class Workspace:
+    """One reusable buffer for the ReLU outputs that backward needs.
+
+    A fresh [B*T*H*W, hidden] block per step is a new memory mapping on most allocators, and
+    faulting its pages in costs about a tenth of an A+V-att step on CPU. The buffer is reused only
+    when nothing else references its storage any more (the previous step's backward released it);
+    otherwise a new one is made, so a retained graph, a second forward before backward or another
+    thread never has its saved values overwritten.
+    """
+
+    def __init__(self):
+        self._buf: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def take(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            buf = self._buf
+            if (buf is None or buf.numel() < rows * cols or buf.dtype != like.dtype
+                    or buf.device != like.device or not _unshared(buf)):
+                buf = self._buf = like.new_empty(rows * cols)
+            return buf[:rows * cols].view(rows, cols)        # a view: holds the storage until freed
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buf = None
+
+    def __deepcopy__(self, memo):
+        return Workspace()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+try:                                    # private API: without it the buffer is simply never reused
+    _ALONE = _storage_refs(torch.empty(1))          # the count of a storage with one tensor on it
+except (AttributeError, RuntimeError):
+    _ALONE = None
+
+
+def _unshared(t: torch.Tensor) -> bool:
+    """True when ``t`` is the only tensor referencing its storage."""
+    return _ALONE is not None and _storage_refs(t) == _ALONE
+
+
+def _attend(x, g, weight, bias, score_weight, h_weight, hidden_out):
+    """The chunked forward. x [S*R, Dv] regions, g [S, R] audio guidance.
+
+    Returns attended [S, Dv], alpha [S, R] and tanh values [S, R, R]. The ReLU outputs go to
+    ``hidden_out`` [S*R, hidden] when given, else to one chunk-sized scratch buffer (inference).
+    """
+    S, R = g.shape
+    seg = max(1, CHUNK_ROWS // R)                    # segments per chunk
+    wt, vt, ht = weight.t(), score_weight.t(), h_weight.t()
+    scratch = hidden_out if hidden_out is not None else x.new_empty((min(S, seg) * R, weight.shape[0]))
+    t = x.new_empty((S, R, score_weight.shape[0]))
+    z = x.new_empty((S, R))
+    attended = x.new_empty((S, x.shape[1]))
+    for s0 in range(0, S, seg):
+        s1 = min(S, s0 + seg)
+        rows = slice(s0 * R, s1 * R)
+        hc = hidden_out[rows] if hidden_out is not None else scratch[:(s1 - s0) * R]
+        torch.addmm(bias, x[rows], wt, out=hc)                                # affine_video
+        hc.clamp_min_(0)                                                      # relu
+        tc = t[s0:s1]
+        torch.mm(hc, vt, out=tc.view(-1, tc.shape[-1]))                       # affine_v
+        tc.add_(g[s0:s1].unsqueeze(2)).tanh_()                                # tanh(s + g[:, :, None])
+        torch.mm(tc.view(-1, tc.shape[-1]), ht, out=z[s0:s1].view(-1, 1))     # affine_h
+    alpha = torch.softmax(z, dim=-1)
+    for s0 in range(0, S, seg):
+        s1 = min(S, s0 + seg)
+        torch.bmm(alpha[s0:s1].unsqueeze(1), x[s0 * R:s1 * R].view(s1 - s0, R, -1),
+                  out=attended[s0:s1].unsqueeze(1))                           # alpha @ regions
+    return attended, alpha, t
+
+
+class _AttendFunction(torch.autograd.Function):
+    """(x, g, affine_video.weight/bias, affine_v.weight, affine_h.weight) -> (attended, alpha)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, score_weight):
-        n = x.shape[0]
-        h = x.new_empty((n, weight.shape[0]))
-        s = x.new_empty((n, score_weight.shape[0]))
-        wt, vt = weight.t(), score_weight.t()
-        for lo in range(0, n, CHUNK_ROWS):
-            hc = h[lo:lo + CHUNK_ROWS]
-            torch.addmm(bias, x[lo:lo + CHUNK_ROWS], wt, out=hc)
-            hc.clamp_min_(0)
-            torch.mm(hc, vt, out=s[lo:lo + CHUNK_ROWS])
-        ctx.save_for_backward(x, weight, score_weight, h)
-        return s
+    def forward(ctx, x, g, weight, bias, score_weight, h_weight, workspace):
+        h = workspace.take(x.shape[0], weight.shape[0], x)
+        attended, alpha, t = _attend(x, g, weight, bias, score_weight, h_weight, h)
+        ctx.save_for_backward(x, weight, score_weight, h_weight, h, t, alpha)
+        return attended, alpha
 
     @staticmethod
-    def backward(ctx, grad_s):
-        x, weight, score_weight, h = ctx.saved_tensors
-        need_x, need_w, need_b, need_v = ctx.needs_input_grad
-        grad_s = grad_s.contiguous()
-        grad_v = grad_s.t() @ h if need_v else None
-        grad_x = torch.empty_like(x) if need_x else None
+    def backward(ctx, grad_attended, grad_alpha_out):
+        x, weight, score_weight, h_weight, h, t, alpha = ctx.saved_tensors
+        need_x, need_g, need_w, need_b, need_v, need_h, _ = ctx.needs_input_grad
+        S, R = alpha.shape
+        seg = max(1, CHUNK_ROWS // R)
+        grad_attended = grad_attended.contiguous()
+        regions = x.view(S, R, -1)
+        # d alpha: from the attended sum (alpha @ regions) and from alpha itself.
+        grad_alpha = torch.bmm(grad_attended.unsqueeze(1), regions.transpose(1, 2)).squeeze(1)
+        if grad_alpha_out is not None:
+            grad_alpha += grad_alpha_out
+        grad_z = torch._softmax_backward_data(grad_alpha, alpha, -1, alpha.dtype)     # [S, R]
+        grad_h = grad_z.view(1, -1).mm(t.view(-1, t.shape[-1])) if need_h else None  # affine_h weight
+        grad_g = x.new_empty((S, R)) if need_g else None
+        grad_x = None
+        if need_x:
+            grad_x = torch.bmm(alpha.unsqueeze(2), grad_attended.unsqueeze(1)).view_as(x)
         grad_w = weight.new_zeros(weight.shape) if need_w else None
         grad_b = weight.new_zeros(weight.shape[0]) if need_b else None
-        if need_x or need_w or need_b:
-            for lo in range(0, x.shape[0], CHUNK_ROWS):
-                gh = grad_s[lo:lo + CHUNK_ROWS] @ score_weight           # [chunk, hidden], fresh
-                # ReLU backward in place: exactly what autograd's relu does (threshold at 0 on the output).
-                torch.ops.aten.threshold_backward.grad_input(gh, h[lo:lo + CHUNK_ROWS], 0, grad_input=gh)
-                if need_w:
-                    grad_w.addmm_(gh.t(), x[lo:lo + CHUNK_ROWS])
-                if need_b:
-                    grad_b += gh.sum(0)
-                if need_x:
-                    torch.mm(gh, weight, out=grad_x[lo:lo + CHUNK_ROWS])
-        return grad_x, grad_w, grad_b, grad_v
-
-
-def _region_scores_nograd(x, weight, bias, score_weight):
-    """Inference: the same chunks, reusing one chunk-sized hidden buffer (no [N, hidden] tensor)."""
-    n = x.shape[0]
-    s = x.new_empty((n, score_weight.shape[0]))
-    buf = x.new_empty((min(n, CHUNK_ROWS), weight.shape[0]))
-    wt, vt = weight.t(), score_weight.t()
-    for lo in range(0, n, CHUNK_ROWS):
-        hc = buf[:min(CHUNK_ROWS, n - lo)]
-        torch.addmm(bias, x[lo:lo + CHUNK_ROWS], wt, out=hc)
-        hc.clamp_min_(0)
-        torch.mm(hc, vt, out=s[lo:lo + CHUNK_ROWS])
-    return s
+        grad_v = score_weight.new_zeros(score_weight.shape) if need_v else None
+        hw = h_weight.view(1, 1, -1)
+        scratch = None
+        for s0 in range(0, S, seg):
+            s1 = min(S, s0 + seg)
+            rows = slice(s0 * R, s1 * R)
+            tc = t[s0:s1]
+            # through affine_h and tanh: d pre = (dz * w_h) * (1 - t^2), as tanh_backward computes it.
+            grad_pre = torch.ops.aten.tanh_backward(grad_z[s0:s1].unsqueeze(2) * hw, tc)      # [k, R, R]
+            if need_g:
+                torch.sum(grad_pre, dim=2, out=grad_g[s0:s1])
+            gs = grad_pre.view(-1, grad_pre.shape[-1])                             # d scores [k*R, R]
+            hc = h[rows]
+            if need_v:
+                grad_v.addmm_(gs.t(), hc)
+            if not (need_x or need_w or need_b):
+                continue
+            if scratch is None:
+                scratch = h.new_empty((min(S, seg) * R, h.shape[1]))
+            gh = torch.mm(gs, score_weight, out=scratch[:gs.shape[0]])              # d relu output
+            torch.ops.aten.threshold_backward.grad_input(gh, hc, 0, grad_input=gh)  # relu backward, in place
+            if need_w:
+                grad_w.addmm_(gh.t(), x[rows])
+            if need_b:
+                grad_b += gh.sum(0)
+            if need_x:
+                grad_x[rows].addmm_(gh, weight)
+        return grad_x, grad_g, grad_w, grad_b, grad_v, grad_h, None
 
 
 class AudioGuidedAttention(nn.Module):
@@ -87,24 +182,34 @@ class AudioGuidedAttention(nn.Module):
         self.affine_h = nn.Linear(regions, 1, bias=False)
         for layer in (self.affine_audio, self.affine_video, self.affine_v, self.affine_g, self.affine_h):
             nn.init.xavier_uniform_(layer.weight)
-
-    def region_scores(self, regions: torch.Tensor) -> torch.Tensor:
-        """[N, Dv] -> affine_v(relu(affine_video(regions))) [N, R]."""
-        x = regions.reshape(-1, regions.shape[-1])
-        args = (self.affine_video.weight, self.affine_video.bias, self.affine_v.weight)
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-            # GPUs, other dtypes and autocast take the plain modules: one big GEMM each.
-            return self.affine_v(F.relu(self.affine_video(x)))
-        if torch.is_grad_enabled() and (x.requires_grad or any(a.requires_grad for a in args)):
-            return _RegionScores.apply(x.contiguous(), *args)
-        return _region_scores_nograd(x.contiguous(), *args)
+        self._workspace = Workspace()
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """audio [B, T, Da], visual [B, T, H, W, Dv] -> attended [B, T, Dv], alpha [B, T, H, W]."""
+        if not self._fast_path(visual):
+            return self.reference(audio, visual)
+        B, T, H, W, Dv = visual.shape
+        h_a = F.relu(self.affine_audio(audio.reshape(B * T, -1)))       # [BT, hidden]
+        g = self.affine_g(h_a)                                          # [BT, 49]
+        x = visual.reshape(B * T * H * W, Dv).contiguous()
+        args = (self.affine_video.weight, self.affine_video.bias, self.affine_v.weight, self.affine_h.weight)
+        if torch.is_grad_enabled() and (x.requires_grad or g.requires_grad or any(a.requires_grad for a in args)):
+            attended, alpha = _AttendFunction.apply(x, g, *args, self._workspace)
+        else:
+            attended, alpha, _ = _attend(x, g, *args, None)
+        return attended.view(B, T, Dv), alpha.view(B, T, H, W)
+
+    def _fast_path(self, visual: torch.Tensor) -> bool:
+        return (visual.device.type == "cpu" and visual.dtype == torch.float32 and self.affine_video.bias is not None
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+    def reference(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain-module form (the official code line by line); the fused path computes the same."""
         B, T, H, W, Dv = visual.shape
         regions = visual.reshape(B * T, H * W, Dv)                      # [BT, 49, Dv] raw regions V
-        s = self.region_scores(regions).view(B * T, H * W, -1)          # [BT, 49, 49] = affine_v(relu(affine_video(V)))
+        h_v = F.relu(self.affine_video(regions))                        # [BT, 49, hidden]
         h_a = F.relu(self.affine_audio(audio.reshape(B * T, -1)))       # [BT, hidden]
+        s = self.affine_v(h_v)                                          # [BT, 49, 49]
         g = self.affine_g(h_a)                                          # [BT, 49]
         # The official code adds g[:, :, None]: entry i of g goes to every element of row i
         # (region i), not per hidden unit as the paper's equation reads. Checkpoints depend on it.

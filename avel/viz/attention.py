@@ -1,7 +1,7 @@
 """Audio-guided attention drawn over the frames.
 
-For each second the attention map [H, W] (a softmax over the grid cells) is scaled to its own
-maximum, upsampled bilinearly to the frame size, coloured with :func:`colormap` and blended over the
+For each second the attention map [H, W] (a softmax over the grid cells) is rescaled to [0, 1] by
+its own minimum and maximum, upsampled bilinearly to the frame size, coloured with :func:`colormap` and blended over the
 middle frame of that second. ``avel visualize`` writes one PNG per second, a grid of all seconds,
 and optionally an mp4 where every frame of a second carries that second's overlay.
 """
@@ -50,19 +50,26 @@ def upsample(att: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def overlay(frame: np.ndarray, att: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
+def overlay(frame: np.ndarray, att: np.ndarray, *, alpha: float = 0.6) -> np.ndarray:
     """Blend the coloured heat map of ``att`` [h, w] over ``frame`` uint8 [H, W, 3].
 
-    The map is divided by its maximum (a softmax over few cells is flat in absolute terms); the blend
-    weight grows with the value, so cold cells leave the frame visible."""
+    The map is rescaled to [0, 1] by its own minimum and maximum (a softmax over a few cells is flat
+    in absolute terms); the blend weight grows with the value, so cold cells leave the frame visible."""
     frame = np.asarray(frame, dtype=np.uint8)
+    heat = np.clip(upsample(normalize(att), frame.shape[:2]), 0.0, 1.0)
+    return _blend(frame, heat, alpha)
+
+
+def normalize(att: np.ndarray) -> np.ndarray:
+    """Rescale one attention map to [0, 1] (min -> 0, max -> 1; a constant map -> zeros)."""
     a = np.asarray(att, dtype=np.float64)
-    a = a / a.max() if a.max() > 0 else a
-    heat = upsample(a, frame.shape[:2])
-    heat = np.clip(heat, 0.0, 1.0)
-    colour = colormap(heat).astype(np.float64)
-    w = alpha * (0.35 + 0.65 * heat)[..., None]
-    return np.round(frame * (1 - w) + colour * w).astype(np.uint8)
+    lo, hi = a.min(), a.max()
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def _blend(frame: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
+    w = alpha * (0.1 + 0.9 * heat)[..., None]
+    return np.round(frame * (1 - w) + colormap(heat) * w).astype(np.uint8)
 
 
 def _fit(frame: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
@@ -96,7 +103,7 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def overlays(frames: np.ndarray, attention: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
+def overlays(frames: np.ndarray, attention: np.ndarray, *, alpha: float = 0.6) -> np.ndarray:
     """Per second: the overlay of attention[t] on frames[t] -> uint8 [T, H, W, 3]."""
     if len(frames) != len(attention):
         raise ValueError(f"{len(frames)} frames but {len(attention)} attention maps")
@@ -123,7 +130,7 @@ def grid_image(images: np.ndarray, *, classes: Sequence[int] | None = None, back
 
 
 def write_overlay_video(path: str | Path, video: str | Path, attention: np.ndarray, *, fps: int = 16,
-                        alpha: float = 0.5, max_side: int = MAX_SIDE) -> Path:
+                        alpha: float = 0.6, max_side: int = MAX_SIDE) -> Path:
     """An mp4 (H.264 + AAC) of ``video`` with each second's attention overlay on all its frames."""
     from ..features.decode import decode_video
     from ..features.media import write_clip
@@ -132,16 +139,10 @@ def write_overlay_video(path: str | Path, video: str | Path, attention: np.ndarr
     d = decode_video(video, fps=fps, seconds=T)
     frames = np.stack([_fit(f, max_side) for f in d.frames])
     h, w = frames.shape[1:3]
-    heat = []
-    for a in attention:
-        a = np.asarray(a, dtype=np.float64)
-        a = a / a.max() if a.max() > 0 else a
-        heat.append(np.clip(upsample(a, (h, w)), 0, 1))
+    heat = [np.clip(upsample(normalize(a), (h, w)), 0, 1) for a in attention]
     out = np.empty_like(frames)
     for i, f in enumerate(frames):
-        hm = heat[min(i // fps, T - 1)]
-        wgt = alpha * (0.35 + 0.65 * hm)[..., None]
-        out[i] = np.round(f * (1 - wgt) + colormap(hm) * wgt).astype(np.uint8)
+        out[i] = _blend(f, heat[min(i // fps, T - 1)], alpha)
     audio = None if d.flags.get("no_audio") else d.waveform
     return write_clip(path, out, fps, audio, d.sample_rate)
 

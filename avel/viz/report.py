@@ -339,7 +339,8 @@ def _video_html(entry: ReportEntry, vid: int) -> str:
             cap = f"{t} s &middot; {_e(names[c])} {probs[t, c]:.2f}"
             if truth is not None and t < len(truth) and int(truth[t]) != c:
                 cap += f' <span class="wrong">(truth: {_e(names[int(truth[t])])})</span>'
-            out.append(f'<figure id="tile-{vid}-{t}" data-video="{vid}" data-second="{t}">'
+            out.append(f'<figure id="tile-{vid}-{t}" data-video="{vid}" data-second="{t}" '
+                       f'style="width:{img.shape[1] + 2}px">'
                        f'<img alt="attention overlay, second {t}" width="{img.shape[1]}" height="{img.shape[0]}" '
                        f'src="{_png_uri(img)}"><figcaption style="border-top-color:{_hex(class_colour(c, bg))}">'
                        f'{cap}</figcaption></figure>')

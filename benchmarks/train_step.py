@@ -1,0 +1,155 @@
+"""Training-step throughput of every supervised model on AVE-shaped batches.
+
+One step = forward + the task's loss (``SupervisedTask.losses``, the original recipe's
+soft-margin loss on softmax outputs) + backward + the optimizer ``avel.engine.train`` builds
+(``make_optimizer``, Adam 1e-3), with ``zero_grad(set_to_none=True)``: exactly what the trainer
+runs per batch, on in-memory tensors (B=64, T=10, 7x7x512 visual, 128 audio).
+
+Reported per model and thread count: videos/s and the achieved FLOP rate as a fraction of a
+float32 matmul rate measured in the same process, interleaved round by round (see
+``benchmarks/common.py`` for the clocks and the FLOP convention: Linear 2*in*out per row, LSTM
+2*4h*(in+h) per step and direction, training = 3x forward except that no gradient of the input
+data is computed; the plain 3x figure is printed too). Medians over rounds.
+
+    python benchmarks/train_step.py                      # all models, 1 thread and all threads
+    python benchmarks/train_step.py --models av_att --rounds 9 --threads 1
+    python benchmarks/train_step.py --compile            # also torch.compile (first step + steady)
+    python benchmarks/train_step.py --device cuda --amp  # GPU, also bf16 autocast
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (MODELS, MatmulRate, all_threads, ave_batch, clock_for, clock_name, median,  # noqa: E402
+                    model_flops, print_header, set_threads, sync, table)
+
+from avel.config import RunConfig  # noqa: E402
+from avel.engine.train import make_optimizer  # noqa: E402
+from avel.models import build_model  # noqa: E402
+from avel.tasks import SupervisedTask  # noqa: E402
+
+
+def make_step(name: str, batch: dict, *, device: str, amp: bool = False, compile: bool = False):
+    torch.manual_seed(0)
+    model = build_model(name).to(device).train()
+    net = torch.compile(model) if compile else model
+    optimizer = make_optimizer(model.parameters(), RunConfig())
+    task = SupervisedTask()
+    dev_type = "cuda" if str(device).startswith("cuda") else "cpu"
+
+    def step():
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
+            loss = task.losses(net, batch).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure(name: str, *, batch_size: int, threads: int, rounds: int, min_round_s: float, device: str,
+            amp: bool = False, compile: bool = False) -> dict:
+    clock = clock_for(threads) if device == "cpu" else time.perf_counter
+    batch = ave_batch(batch_size, device=device)
+    ref = MatmulRate(device=device, dtype=torch.bfloat16 if amp else torch.float32)
+    step = make_step(name, batch, device=device, amp=amp, compile=compile)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - t0
+    step()
+    sync(device)
+    # Steps per round: enough for ``min_round_s`` of work.
+    t = clock()
+    step()
+    sync(device)
+    per = max(clock() - t, 1e-6)
+    n = max(1, int(min_round_s / per))
+    flops = model_flops(name, videos=batch_size)
+    fracs, rates, fracs3 = [], [], []
+    for _ in range(rounds):
+        mm = ref.sample(clock)
+        sync(device)
+        t = clock()
+        for _ in range(n):
+            step()
+        sync(device)
+        dt = (clock() - t) / n
+        rates.append(batch_size / dt)
+        fracs.append(flops.train / dt / mm)
+        fracs3.append(flops.train_x3 / dt / mm)
+    return {"model": name, "threads": threads, "device": device, "amp": amp, "compile": compile,
+            "videos_per_s": median(rates), "frac_matmul": median(fracs), "frac_matmul_x3": median(fracs3),
+            "frac_min": min(fracs), "frac_max": max(fracs), "steps_per_round": n, "rounds": rounds,
+            "first_step_s": first, "gflop_per_video": flops.train / batch_size / 1e9,
+            "matmul_gflops": ref.sample(clock) / 1e9, "clock": clock_name(threads) if device == "cpu" else "wall time"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", default="1,all", help="comma list of thread counts; 'all' = every core")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved (matmul, steps) rounds; medians reported")
+    p.add_argument("--min-round-s", type=float, default=0.4, help="work per round (seconds)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="also measure bf16 autocast (reference: bf16 matmul)")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    print_header("training step: forward + loss + backward + Adam, AVE-shaped batches")
+    models = [m for m in args.models.split(",") if m]
+    threads = [all_threads() if t == "all" else int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]
+    variants = [(False, False)]
+    if args.amp:
+        variants.append((True, False))
+    if args.compile:
+        variants.append((False, True))
+    rows = []
+    for th in threads:
+        if th:
+            set_threads(th)
+        for amp, comp in variants:
+            for name in models:
+                r = measure(name, batch_size=args.batch_size, threads=th or torch.get_num_threads(),
+                            rounds=args.rounds, min_round_s=args.min_round_s, device=args.device, amp=amp,
+                            compile=comp)
+                rows.append(r)
+                tag = ("+bf16" if amp else "") + ("+compile" if comp else "")
+                print(f"{name + tag:18s} threads={r['threads']:2d}  {r['videos_per_s']:8.1f} videos/s  "
+                      f"{100 * r['frac_matmul']:5.1f}% of matmul ({100 * r['frac_min']:.0f}-{100 * r['frac_max']:.0f}%)  "
+                      f"[x3 count: {100 * r['frac_matmul_x3']:.1f}%]  matmul {r['matmul_gflops']:.0f} GFLOP/s  "
+                      f"first step {r['first_step_s']:.2f}s", flush=True)
+    # Summary table: one row per model/variant, thread counts side by side.
+    print()
+    print(f"batch {args.batch_size}; FLOPs/video/step (executed): "
+          + ", ".join(f"{m} {model_flops(m).train / 1e9:.3f} G" for m in models))
+    print("clock: thread CPU time at 1 thread, wall time otherwise; fraction = achieved FLOP rate / "
+          "float32 2048^3 matmul rate in the same process, median over rounds")
+    summary = {}
+    lo, hi = min(threads), max(threads)
+    for r in rows:
+        key = r["model"] + ("+bf16" if r["amp"] else "") + ("+compile" if r["compile"] else "")
+        s = summary.setdefault(key, {"model": key})
+        suffix = "1" if r["threads"] == lo and lo == 1 else ("all" if r["threads"] == hi else str(r["threads"]))
+        s[f"vps_{suffix}"] = r["videos_per_s"]
+        s[f"frac_{suffix}"] = 100 * r["frac_matmul"]
+    cols = [("model", "model", "s")]
+    for suffix, label in (("1", "1 thread"), ("all", f"{hi} threads")):
+        if any(f"vps_{suffix}" in s for s in summary.values()):
+            cols += [(f"vps_{suffix}", f"videos/s {label}", ".0f"), (f"frac_{suffix}", f"% of matmul {label}", ".0f")]
+    print(table(list(summary.values()), cols))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
