@@ -46,9 +46,13 @@ class SupervisedTask:
     loss: str = "softmax_mlsm"
     selection_key: str = "accuracy"
 
+    output: str = "logits"                  # what the model must return for this task
+
     def model_dims(self, data: AVEData) -> dict:
         v = data.store.visual.shape
-        return {"audio_dim": data.store.audio.shape[-1], "visual_dim": v[-1], "grid": tuple(v[2:4]),
+        # Vector visual features [N, T, D] are read as a 1x1 grid (see SegmentRows.read).
+        grid = tuple(v[2:4]) if len(v) == 5 else (1, 1)
+        return {"audio_dim": data.store.audio.shape[-1], "visual_dim": v[-1], "grid": grid,
                 "num_classes": data.num_classes}
 
     def rows(self, data: AVEData, split: str) -> SegmentRows:
@@ -132,6 +136,7 @@ class CrossModalTask:
     name: str = "cml"
     margin: float = 2.0
     selection_key: str = "mean_accuracy"
+    output: str = "distance"
 
     def model_dims(self, data: AVEData) -> dict:
         return {"audio_dim": data.store.audio.shape[-1], "visual_dim": data.store.visual.shape[-1]}
@@ -180,6 +185,14 @@ class VideoVectors:
         rows = self.rows[np.asarray(indices)]
         return {"audio": self.audio.read(rows), "visual": self.visual_vec.read(rows),
                 "event_mask": self.event_mask[rows], "index": rows}
+
+
+def check_model(task, model_cls: type) -> None:
+    """Refuse a model class whose outputs the task cannot use, before anything is built."""
+    produces = getattr(model_cls, "outputs", ("logits",))
+    if task.output not in produces:
+        raise ValueError(f"model {getattr(model_cls, 'registry_name', model_cls.__name__)!r} returns "
+                         f"{', '.join(produces)}; the {task.name} task needs {task.output!r}")
 
 
 def build_task(config: RunConfig):

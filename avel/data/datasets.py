@@ -143,6 +143,8 @@ class SegmentRows:
     def read(self, indices) -> dict[str, np.ndarray]:
         rows = self.rows[np.asarray(indices)]
         batch = self.store.read(rows)
+        if batch["visual"].ndim == 3:                       # vector features [b, T, D] -> a 1x1 grid
+            batch["visual"] = batch["visual"][:, :, None, None, :]
         batch["target"] = self.targets[rows]
         batch["video_label"] = self.video_labels[rows]
         batch["index"] = rows

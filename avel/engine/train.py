@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import RunConfig
 from ..data.datasets import AVEData, Batches
 from ..models import build_model
-from ..tasks import build_task
+from ..models.registry import model_class
+from ..tasks import build_task, check_model
 from . import checkpoint
 from .distributed import all_reduce_sum, barrier, broadcast_object, init_from_env
 from .evaluate import evaluate
@@ -93,6 +94,7 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
     task = build_task(config)
     train_src = task.train_source(data, config)
     val_src = task.eval_source(data, config.data.val_split)
+    check_model(task, model_class(config.model))
     model = build_model(config.model, **{**task.model_dims(data), **config.model_kwargs}).to(device)
     net = DistributedDataParallel(model) if dist.world > 1 else model
     optimizer = make_optimizer(model.parameters(), config)

@@ -26,6 +26,8 @@ def pairwise_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @register_model("cml")
 class CrossModalMatcher(nn.Module):
+    outputs = ("distance",)     # what forward returns (tasks check it); segment models return logits
+
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, visual_hidden: int = 128,
                  audio_hidden: int = 128, embed_dim: int = 64, slope: float = 0.3):
         super().__init__()
