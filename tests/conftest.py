@@ -33,6 +33,15 @@ def fixtures_dir(shared) -> Path:
     return shared / "fixtures"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Heavy modules run torch on one thread: steadier timings when jobs share the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

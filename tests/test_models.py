@@ -19,12 +19,7 @@ ATTENTION_MODELS = {"visual_att", "av_att", "dmrn"}
 SMALL = {"hidden": 16, "att_hidden": 16, "head_hidden": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_kwargs(name: str, **dims) -> dict:

@@ -27,6 +27,20 @@ from .weights import VGG19_KERAS, VGG19_TORCHVISION, load_state_file, resolve_we
 
 log = logging.getLogger(__name__)
 
+def vgg_stack(config, *, in_channels: int) -> nn.Sequential:
+    """A VGG convolution stack: ints are 3x3 conv (padding 1) + ReLU widths, "M" a 2x2 max-pool.
+    Layer indices match torchvision's / torchvggish's ``features.N`` keys."""
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for v in config:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            c_in = v
+    return nn.Sequential(*layers)
+
+
 CFG_E = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 # Keras layer name of each conv, in order
 KERAS_CONV_NAMES = tuple(f"block{b}_conv{i}" for b, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4)) for i in range(1, n + 1))
@@ -42,15 +56,7 @@ class VGG19(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for v in CFG_E:
-            if v == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-                c_in = v
-        self.features = nn.Sequential(*layers)
+        self.features = vgg_stack(CFG_E, in_channels=3)
 
     def conv_keys(self) -> list[str]:
         """Prefixes of the 16 convolutions in order: 'features.0', 'features.2', ..."""

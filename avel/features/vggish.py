@@ -18,6 +18,7 @@ from torch import nn
 from .backbones import register_audio
 from .logmel import SAMPLE_RATE, segment_examples
 from .spec import StreamSpec
+from .vgg import vgg_stack
 from .weights import load_state_file, resolve_weights, tag_for
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,7 @@ class VGGish(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 1
-        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
-            if v == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-                c_in = v
-        self.features = nn.Sequential(*layers)
+        self.features = vgg_stack((64, "M", 128, "M", 256, 256, "M", 512, 512, "M"), in_channels=1)
         self.embeddings = nn.Sequential(
             nn.Linear(512 * 4 * 6, 4096), nn.ReLU(inplace=True),
             nn.Linear(4096, 4096), nn.ReLU(inplace=True),
