@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=6)
     p.add_argument("--visual-dim", type=int, default=128)
     p.add_argument("--audio-dim", type=int, default=128)
-    p.add_argument("--background-videos", type=int, default=40)
+    p.add_argument("--background-videos", type=int, default=200,
+                   help="background-only videos for the weak task (*_noisy.h5)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
     p = dsub.add_parser("pack", parents=[common], help="write the packed memory-mapped layout next to the h5 files")

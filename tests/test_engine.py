@@ -399,3 +399,11 @@ def test_parser_shared_options():
     assert args.json and args.split == "test" and args.layout == "auto"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--data-root", "x"])                 # --out is required
+
+
+@pytest.mark.parametrize("name", ["original", "modern"])
+@pytest.mark.parametrize("task", ["supervised", "weak", "cml"])
+def test_shipped_config_files_equal_the_recipes(name, task):
+    """configs/*.yaml are the recipes written out; they must not drift from the code."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}-{task}.yaml"
+    assert RunConfig.from_yaml(path) == recipe(name, task)

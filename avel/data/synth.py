@@ -34,7 +34,7 @@ class SynthConfig:
     audio_dim: int = 128
     visual_dim: int = 128
     grid: tuple[int, int] = (7, 7)
-    background_videos: int = 40      # background-only videos (the weak setting's *_noisy.h5)
+    background_videos: int = 200     # background-only videos (the weak setting's *_noisy.h5)
     noise: float = 0.6
     seed: int = 0
     splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
