@@ -159,7 +159,24 @@ def model_flops(name: str, *, videos: int = 1, T: int = 10, grid=(7, 7), audio_d
 # --- memory -----------------------------------------------------------------------------------------
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MiB), from getrusage (KiB on Linux)."""
+    """Peak resident set size of this process so far (MiB).
+
+    ``VmHWM`` of /proc/self/status where there is one: the high-water mark of this process's own
+    address space. ``getrusage(RUSAGE_SELF).ru_maxrss`` is the fallback, and the same number for a
+    process started from a small parent; but Linux carries ru_maxrss across fork/exec, so a child
+    of a big parent reports at least the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return getrusage_peak_mb()
+
+
+def getrusage_peak_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 

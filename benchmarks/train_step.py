@@ -14,6 +14,7 @@ data is computed; the plain 3x figure is printed too). Medians over rounds.
     python benchmarks/train_step.py                      # all models, 1 thread and all threads
     python benchmarks/train_step.py --models av_att --rounds 9 --threads 1
     python benchmarks/train_step.py --compile            # also torch.compile (first step + steady)
+    python benchmarks/train_step.py --reference          # also av_att in the 2018 formulation
     python benchmarks/train_step.py --device cuda --amp  # GPU, also bf16 autocast
 """
 from __future__ import annotations
@@ -38,7 +39,10 @@ from avel.tasks import SupervisedTask  # noqa: E402
 
 def make_step(name: str, batch: dict, *, device: str, amp: bool = False, compile: bool = False):
     torch.manual_seed(0)
-    model = build_model(name).to(device).train()
+    base, _, variant = name.partition(":")
+    model = build_model(base).to(device).train()
+    if variant == "reference":                 # the attention as separate modules (the 2018 code's form)
+        model.attention.forward = model.attention.reference
     net = torch.compile(model) if compile else model
     optimizer = make_optimizer(model.parameters(), RunConfig())
     task = SupervisedTask()
@@ -58,7 +62,8 @@ def measure(name: str, *, batch_size: int, threads: int, rounds: int, min_round_
             amp: bool = False, compile: bool = False) -> dict:
     clock = clock_for(threads) if device == "cpu" else time.perf_counter
     batch = ave_batch(batch_size, device=device)
-    ref = MatmulRate(device=device, dtype=torch.bfloat16 if amp else torch.float32)
+    ref = MatmulRate(n=2048 if device == "cpu" else 4096, device=device,
+                     dtype=torch.bfloat16 if amp else torch.float32)
     step = make_step(name, batch, device=device, amp=amp, compile=compile)
     t0 = time.perf_counter()
     step()
@@ -72,7 +77,7 @@ def measure(name: str, *, batch_size: int, threads: int, rounds: int, min_round_
     sync(device)
     per = max(clock() - t, 1e-6)
     n = max(1, int(min_round_s / per))
-    flops = model_flops(name, videos=batch_size)
+    flops = model_flops(name.partition(":")[0], videos=batch_size)
     fracs, rates, fracs3 = [], [], []
     for _ in range(rounds):
         mm = ref.sample(clock)
@@ -102,10 +107,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="also measure bf16 autocast (reference: bf16 matmul)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    p.add_argument("--reference", action="store_true",
+                   help="also measure av_att with the attention as separate modules (the 2018 formulation)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = p.parse_args(argv)
     print_header("training step: forward + loss + backward + Adam, AVE-shaped batches")
     models = [m for m in args.models.split(",") if m]
+    if args.reference and "av_att" in models:
+        models.insert(models.index("av_att") + 1, "av_att:reference")
     threads = [all_threads() if t == "all" else int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]
     variants = [(False, False)]
     if args.amp:
@@ -130,21 +139,27 @@ def main(argv=None) -> int:
     # Summary table: one row per model/variant, thread counts side by side.
     print()
     print(f"batch {args.batch_size}; FLOPs/video/step (executed): "
-          + ", ".join(f"{m} {model_flops(m).train / 1e9:.3f} G" for m in models))
-    print("clock: thread CPU time at 1 thread, wall time otherwise; fraction = achieved FLOP rate / "
-          "float32 2048^3 matmul rate in the same process, median over rounds")
-    summary = {}
-    lo, hi = min(threads), max(threads)
+          + ", ".join(f"{m} {model_flops(m).train / 1e9:.3f} G" for m in models if ":" not in m))
+    if args.device == "cpu":
+        print("clock: thread CPU time at 1 thread, wall time otherwise; fraction = achieved FLOP rate / "
+              "float32 2048^3 matmul rate in the same process, median over rounds")
+    else:
+        print("clock: wall time with device synchronisation; fraction = achieved FLOP rate / 4096^3 matmul rate "
+              "on the device (float32; bf16 for +bf16 rows), median over rounds")
+    if any(m.endswith(":reference") for m in models):
+        print(":reference = the attention as separate modules (the 2018 formulation), for comparison")
+    summary, labels = {}, []
     for r in rows:
         key = r["model"] + ("+bf16" if r["amp"] else "") + ("+compile" if r["compile"] else "")
+        label = args.device if args.device != "cpu" else (f"{r['threads']} thread" + ("s" if r["threads"] > 1 else ""))
+        if label not in labels:
+            labels.append(label)
         s = summary.setdefault(key, {"model": key})
-        suffix = "1" if r["threads"] == lo and lo == 1 else ("all" if r["threads"] == hi else str(r["threads"]))
-        s[f"vps_{suffix}"] = r["videos_per_s"]
-        s[f"frac_{suffix}"] = 100 * r["frac_matmul"]
+        s[f"vps {label}"] = r["videos_per_s"]
+        s[f"frac {label}"] = 100 * r["frac_matmul"]
     cols = [("model", "model", "s")]
-    for suffix, label in (("1", "1 thread"), ("all", f"{hi} threads")):
-        if any(f"vps_{suffix}" in s for s in summary.values()):
-            cols += [(f"vps_{suffix}", f"videos/s {label}", ".0f"), (f"frac_{suffix}", f"% of matmul {label}", ".0f")]
+    for label in labels:
+        cols += [(f"vps {label}", f"videos/s ({label})", ".0f"), (f"frac {label}", f"% of matmul ({label})", ".0f")]
     print(table(list(summary.values()), cols))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

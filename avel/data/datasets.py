@@ -7,6 +7,7 @@ DataLoader per-item overhead: a whole batch of rows is one sorted read.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -230,6 +231,7 @@ class Batches:
     rank: int = 0
     world: int = 1
     prefetch: int = 2
+    pin_memory: bool = False         # page-locked batches for fast, asynchronous copies to a GPU
     epoch: int = field(default=0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -248,7 +250,7 @@ class Batches:
         for glob in self.global_batches():
             local = glob[self.rank::self.world]
             batch = self.source.read(local) if len(local) else None
-            yield _to_torch(batch) if batch is not None else {}, len(glob)
+            yield _to_torch(batch, self.pin_memory) if batch is not None else {}, len(glob)
 
     def __iter__(self):
         """Yields (batch dict of tensors for this rank, global batch size)."""
@@ -287,5 +289,21 @@ class Batches:
                     thread.join(timeout=0.05)
 
 
-def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+def auto_prefetch(device="cpu") -> int:
+    """How many batches to read ahead in a background thread for a model running on ``device``.
+
+    2 when the model leaves a core free (a GPU, or fewer torch threads than cores); 0 when every
+    core already runs the model: a reader thread then preempts OpenMP workers, whose barriers stall
+    while one of them is off its core, and that costs more than the read it hides (2-core CPU, A+V-att
+    epoch, packed: 1.10x the in-memory time with read-ahead, 1.00x without; float64 h5: 1.55x vs 1.37x).
+    """
+    if not str(device).startswith("cpu"):
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return 2 if busy < cores else 0
+
+
+def _to_torch(batch: dict[str, np.ndarray], pin: bool = False) -> dict[str, torch.Tensor]:
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+    return {k: v.pin_memory() for k, v in out.items()} if pin else out

@@ -6,13 +6,21 @@ Nothing here ever loads a whole feature file: rows are read on demand, in sorted
 increasing indices), converted to float32 and put back in the order asked for.
 
 Packed layout (``avel data pack``): ``<root>/packed/{audio,visual}.npy`` (float16 by default,
-contiguous, opened with ``mmap_mode='r'``) plus ``packed.json`` recording the source, dtype and
-feature spec. Same rows, same order.
+contiguous) plus ``packed.json`` recording the source, dtype and feature spec. Same rows, same
+order. Rows are read with positioned reads (``os.preadv``) straight into the output in the order
+asked for, so reading a file does not map it into the process (its pages stay in the shared page
+cache instead of counting as resident memory), and float16 is widened by torch's vectorised copy.
+
+Batches are big (64 AVE videos = 64 MB of float32) and a fresh block that size costs its page
+faults every time: both readers hand out arrays from a small :class:`ArrayPool`, reusing one only
+once nothing references it any more (the training step that used it has dropped it).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +33,45 @@ from .errors import DataError
 H5_KEY = "avadataset"
 SPEC_FILE = "features.json"
 PACKED_DIR = "packed"
+
+
+class ArrayPool:
+    """Output arrays handed out again once nobody holds them (or a view of them) any more."""
+
+    def __init__(self, keep: int = 6):
+        self.keep = keep
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple, dtype) -> np.ndarray:
+        shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        with self._lock:
+            for i in range(len(self._arrays)):
+                # (checked before any local name refers to the array: that would count as a holder)
+                if _free(self._arrays, i) and self._arrays[i].shape == shape and self._arrays[i].dtype == dtype:
+                    return self._arrays[i]
+            # A miss: free arrays of other shapes (the last short batch, another split) are dropped,
+            # so the pool never holds more than the batches in flight plus this one.
+            self._arrays = [self._arrays[i] for i in range(len(self._arrays))
+                            if not _free(self._arrays, i)][-(self.keep - 1):]
+            self._arrays.append(np.empty(shape, dtype))
+            return self._arrays[-1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._arrays.clear()
+
+
+def _refs(arrays: list, i: int) -> int:
+    return sys.getrefcount(arrays[i])
+
+
+# References to an array held only by the pool's list, as _refs counts them on this Python.
+_ALONE = _refs([np.empty(1)], 0)
+
+
+def _free(arrays: list, i: int) -> bool:
+    return _refs(arrays, i) == _ALONE
 
 
 class H5Rows:
@@ -46,6 +93,7 @@ class H5Rows:
             raise DataError(f"{self.path}: not a readable HDF5 file ({e})") from None
         self._file = None
         self._pid = None
+        self._pool = ArrayPool()
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -63,14 +111,18 @@ class H5Rows:
             raise DataError(f"{self.path}: row index out of range [0, {self.shape[0]}): {idx.min()}..{idx.max()}")
         uniq, inverse = np.unique(idx, return_inverse=True)
         ds = self._dataset()
-        out = np.empty((len(uniq), *self.shape[1:]), dtype=np.float32)
+        in_order = len(uniq) == len(idx) and bool((np.diff(idx) > 0).all())   # sorted, no repeats: no reordering
+        out = self._pool.get((len(uniq), *self.shape[1:]), np.float32) if in_order else \
+            np.empty((len(uniq), *self.shape[1:]), dtype=np.float32)
         # Contiguous runs are read as one hyperslab each: cheap for sorted/sequential access.
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         pos = 0
         for run in np.split(uniq, breaks) if len(uniq) else []:
             out[pos:pos + len(run)] = ds[run[0]:run[-1] + 1]
             pos += len(run)
-        return out[inverse]
+        if in_order:
+            return out
+        return np.take(out, inverse.reshape(-1), axis=0, out=self._pool.get((len(idx), *self.shape[1:]), np.float32))
 
     def read_all(self) -> np.ndarray:
         """For small files only (labels, orders)."""
@@ -84,19 +136,30 @@ class H5Rows:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_file"] = None
+        state["_pool"] = None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pool = ArrayPool()
 
 
 class NpyRows:
-    """Row access to a memory-mapped .npy array; returns float32."""
+    """Row access to a .npy array (the packed layout); returns float32 rows in the order asked for."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: file not found")
-        self._array = np.load(self.path, mmap_mode="r")
-        self.shape = tuple(self._array.shape)
-        self.dtype = self._array.dtype
+        array = np.load(self.path, mmap_mode="r")
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+        self._offset = int(array.offset) if array.flags.c_contiguous and array.dtype.isnative else None
+        del array
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fd = None
+        self._pid = None
+        self._pool = ArrayPool()
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -105,10 +168,66 @@ class NpyRows:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
             raise DataError(f"{self.path}: row index out of range [0, {self.shape[0]}): {idx.min()}..{idx.max()}")
-        return self._array[idx].astype(np.float32)
+        if self._offset is None or not hasattr(os, "preadv"):
+            return np.load(self.path, mmap_mode="r")[idx].astype(np.float32)
+        out = self._pool.get((len(idx), *self.shape[1:]), np.float32)
+        raw = out if self.dtype == np.float32 else self._pool.get((len(idx), *self.shape[1:]), self.dtype)
+        fd = self._file()
+        # Runs of consecutive rows (in the order asked for) are one read each.
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        starts = np.concatenate([[0], breaks]) if len(idx) else []
+        ends = np.concatenate([breaks, [len(idx)]]) if len(idx) else []
+        for a, b in zip(starts, ends):
+            view = memoryview(raw[a:b]).cast("B")
+            offset, done = self._offset + int(idx[a]) * self._row_bytes, 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise DataError(f"{self.path}: file ends before row {int(idx[a])} (truncated?)")
+                done += got
+        if raw is not out:
+            _widen(raw, out)
+        return out
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            self._pid = os.getpid()
+        return self._fd
 
     def read_all(self) -> np.ndarray:
-        return np.asarray(self._array, dtype=np.float32)
+        return np.asarray(np.load(self.path, mmap_mode="r"), dtype=np.float32)
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fd"] = None
+        state["_pool"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pool = ArrayPool()
+
+
+def _widen(src: np.ndarray, dst: np.ndarray) -> None:
+    """dst[...] = src as float32; torch's vectorised conversion is several times numpy's for float16."""
+    try:
+        import torch
+
+        torch.from_numpy(dst).copy_(torch.from_numpy(src))
+    except (ImportError, TypeError, RuntimeError):
+        dst[...] = src
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.datasets import Batches
+from ..data.datasets import Batches, auto_prefetch
 
 
 @torch.inference_mode()
@@ -14,7 +14,7 @@ def collect(model, task, source, *, batch_size: int = 256, device: str | torch.d
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
     try:
-        for batch, _ in Batches(source, batch_size, shuffle=False):
+        for batch, _ in Batches(source, batch_size, shuffle=False, prefetch=auto_prefetch(device)):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             for k, v in task.predict(model, batch).items():
                 parts.setdefault(k, []).append(v)

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import RunConfig
-from ..data.datasets import AVEData, Batches
+from ..data.datasets import AVEData, Batches, auto_prefetch
 from ..models import build_model
 from ..models.registry import model_class
 from ..tasks import build_task, check_model
@@ -43,13 +43,25 @@ class TrainResult:
 
 def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
     o = config.optim
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    params = list(params)
+    if o.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        # The fused kernel: one pass over every parameter instead of a dozen per-tensor ops
+        # (A+V-att step on one CPU thread: +2% of the matmul rate). Same update up to float rounding.
+        if _fusable(params):
+            try:
+                return cls(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        return cls(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
     raise ValueError(f"unknown optimizer {o.name!r} (adam | adamw | sgd)")
+
+
+def _fusable(params) -> bool:
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    return bool(flat) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in flat)
 
 
 def make_schedule(optimizer, config: RunConfig, total_iters: int):
@@ -98,8 +110,12 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
     model = build_model(config.model, **{**task.model_dims(data), **config.model_kwargs}).to(device)
     net = DistributedDataParallel(model) if dist.world > 1 else model
     optimizer = make_optimizer(model.parameters(), config)
+    if min(config.batch_size, len(train_src)) < dist.world:
+        raise ValueError(f"batch size {config.batch_size} ({len(train_src)} training rows) is smaller than the "
+                         f"{dist.world} processes: every process needs rows of every full batch")
     loader = Batches(train_src, config.batch_size, shuffle=config.shuffle, seed=config.seed,
-                     rank=dist.rank, world=dist.world)
+                     rank=dist.rank, world=dist.world, pin_memory=str(device).startswith("cuda"),
+                     prefetch=auto_prefetch(device))
     iters_per_epoch = len(loader)
     scheduler = make_schedule(optimizer, config, config.epochs * iters_per_epoch)
 
@@ -128,25 +144,36 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
     facts = {"task": config.task, "class_names": data.class_names, "feature_spec": data.store.spec.to_dict(),
              "segments": data.segments, "selection": task.selection_key, "run_config": config.to_dict()}
     bar = _progress(range(start_epoch, config.epochs), progress and dist.is_main, config)
+    placeholder = None
     for epoch in bar:
         t0 = time.perf_counter()
         loader.set_epoch(epoch)
         net.train()
-        loss_sum, count = 0.0, 0
+        losses, count = [], 0
         for batch, global_size in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if batch:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                if placeholder is None and dist.world > 1:
+                    placeholder = {k: v[:1].clone() for k, v in batch.items()}
+                weight = dist.world / global_size
+            else:
+                # A short last batch left this rank no rows; it must still join DDP's gradient
+                # all-reduce: a forward on one row it already saw, with zero weight.
+                batch, weight = placeholder, 0.0
             per_video = task.losses(net, batch)                          # [b]
             # Sum over this rank's videos / global batch size, times world because DDP averages
             # gradients over ranks: every world size gives the one-process gradient exactly.
-            loss = per_video.sum() * (dist.world / global_size)
+            loss = per_video.sum() * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             optimizer.step()
             scheduler.step()
-            loss_sum += float(per_video.detach().sum())
-            count += len(per_video)
+            if weight:
+                losses.append(per_video.detach().sum())                 # no device sync per step
+                count += len(per_video)
+        loss_sum = float(torch.stack(losses).double().sum()) if losses else 0.0
         record = {"epoch": epoch + 1, "train_loss": all_reduce_sum(dist, loss_sum) / max(1, all_reduce_sum(dist, count)),
                   "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(time.perf_counter() - t0, 3)}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
