@@ -39,13 +39,16 @@ def main() -> None:
     print(f"synthetic data: {args.videos} videos, test {len(test)}; majority-class segment rate {majority:.3f}")
     print(f"| task | model | recipe | epochs | val | test (mean ± std over seeds {seeds}) | s/run |")
     print("|---|---|---|---|---|---|---|")
-    runs = [("supervised", m) for m in args.models.split(",")] + [("weak", "av_att"), ("cml", "cml")]
-    for task, model in runs:
-        base = recipe(args.recipe, task)
+    runs = [("supervised", m, args.recipe) for m in args.models.split(",")]
+    other = "original" if args.recipe == "modern" else "modern"
+    runs += [("supervised", "av_att", other), ("weak", "av_att", args.recipe), ("weak", "av_att", other),
+             ("cml", "cml", args.recipe)]
+    for task, model, rec in runs:
+        base = recipe(rec, task)
         epochs = args.epochs if task != "cml" else max(5, args.epochs // 3)
         cfg = replace(base, model=model, epochs=epochs, eval_every=1, data=replace(base.data, root=str(root)))
         t0 = time.perf_counter()
-        summary = train_seeds(cfg, args.out / f"{task}-{model}", seeds, progress=False)
+        summary = train_seeds(cfg, args.out / f"{task}-{model}-{rec}", seeds, progress=False)
         key = "mean_accuracy" if task == "cml" else "accuracy"
         m, s = summary["mean"], summary["std"]
         extra = ""
@@ -54,7 +57,7 @@ def main() -> None:
                      f"chance {m['test']['chance_accuracy']:.1f})")
         if task == "weak":
             extra = f" (video acc {m['test']['video_accuracy']:.3f})"
-        print(f"| {task} | {model} | {args.recipe} | {epochs} | {m['val'][key]:.3f} | "
+        print(f"| {task} | {model} | {rec} | {epochs} | {m['val'][key]:.3f} | "
               f"{m['test'][key]:.3f} ± {s['test'][key]:.3f}{extra} | {(time.perf_counter() - t0) / len(seeds):.0f} |",
               flush=True)
 
