@@ -193,3 +193,38 @@ def test_audio_gap_stays_aligned(tmp_path):
     d = decode_audio(path, seconds=3)
     rms = np.sqrt((d.waveform.reshape(-1, 800) ** 2).mean(1))            # 50 ms windows
     assert rms[:20].min() > 0.15 and rms[22:40].max() < 1e-3 and rms[42:58].min() > 0.15
+
+
+def test_stream_yields_the_seconds_of_decode_video_while_demuxing(tmp_path):
+    """VideoStream gives decode_video's rows second by second, before the end of the file is reached."""
+    from avel.features.decode import VideoStream
+
+    rng = np.random.default_rng(3)
+    path = write_clip(tmp_path / "r.mp4", rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8), 10, tone(6))
+    for kw in ({}, {"seconds": 4}, {"seconds": 8, "fps": 3}):
+        whole = decode_video(path, **kw)
+        with VideoStream(path, **kw) as vs:
+            got = []
+            for s, frames, times in vs:
+                if s == 0:
+                    assert vs.flags is None                       # the first second comes before the end
+                got.append((s, frames, times))
+        assert [s for s, _, _ in got] == list(range(whole.seconds)) and vs.seconds == whole.seconds
+        np.testing.assert_array_equal(np.concatenate([f for _, f, _ in got]), whole.frames)
+        np.testing.assert_array_equal(np.concatenate([t for _, _, t in got]), whole.frame_times)
+        np.testing.assert_array_equal(vs.waveform, whole.waveform)
+        assert vs.flags == whole.flags and vs.duration == whole.duration
+
+
+def test_stream_with_unknown_length_matches_decode_video(tmp_path, monkeypatch):
+    """No container duration: seconds are yielded once proven inside the clip, the same as decode_video."""
+    import avel.features.decode as dec
+
+    path = write_clip(tmp_path / "r.mp4", color_frames(RGB, 10, (16, 16)), 10, tone(3))
+    monkeypatch.setattr(dec, "_container_duration", lambda c: None)
+    whole = decode_video(path)
+    with dec.VideoStream(path) as vs:
+        frames = np.concatenate([f for _, f, _ in vs])
+    assert vs.seconds == whole.seconds == 3
+    np.testing.assert_array_equal(frames, whole.frames)
+    assert vs.flags == whole.flags

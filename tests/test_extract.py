@@ -273,3 +273,65 @@ def test_real_offline_defaults_through_run_extract(tmp_path):
     vis = row["visual"][0].mean(axis=(1, 2))
     assert np.abs(vis[0] - vis[1]).mean() > 1e-3                      # red and green seconds differ
     np.testing.assert_allclose(vis[0], vis[3], rtol=1e-4, atol=1e-4)  # red again
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory) -> Path:
+    """12 s of random 32x32 frames at 8 fps with a tone: every frame differs."""
+    frames = np.random.default_rng(5).integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
+    return write_clip(tmp_path_factory.mktemp("long") / "long.mp4", frames, 8, tone(12, amplitude=0.2))
+
+
+@pytest.mark.parametrize("kw", [{}, {"seconds": 14}, {"seconds": 5}])
+def test_chunked_extraction_is_identical_to_one_chunk(long_clip, kw):
+    whole = extract_video(long_clip, audio_backbone=FakeAudio(), visual_backbone=FakeVisual(), fps=4,
+                          batch_frames=6, chunk_seconds=None, **kw)
+    for chunk in (1, 2, 5):
+        f = extract_video(long_clip, audio_backbone=FakeAudio(), visual_backbone=FakeVisual(), fps=4,
+                          batch_frames=6, chunk_seconds=chunk, **kw)
+        np.testing.assert_array_equal(f.visual, whole.visual)
+        np.testing.assert_array_equal(f.audio, whole.audio)
+        assert f.flags == whole.flags and f.duration == whole.duration
+    assert whole.seconds == kw.get("seconds", 12)
+
+
+def test_chunked_extraction_bounds_the_frames_held(long_clip, monkeypatch):
+    """Frame arrays alive (decoded and not yet released) at each backbone call stay within one chunk and one
+    batch, instead of the whole video."""
+    import weakref
+
+    import avel.features.extract as ext
+
+    alive = [0]
+
+    class CountingStream(ext.VideoStream):
+        def __iter__(self):
+            for s, frames, times in super().__iter__():
+                alive[0] += 1
+                weakref.finalize(frames, lambda: alive.__setitem__(0, alive[0] - 1))
+                yield s, frames, times
+
+    class PeakVisual(FakeVisual):
+        peak = 0
+
+        def __call__(self, frames):
+            self.peak = max(self.peak, alive[0])
+            return super().__call__(frames)
+
+    monkeypatch.setattr(ext, "VideoStream", CountingStream)
+    fps, batch = 4, 6
+    peaks = {}
+    for chunk in (None, 1, 3):
+        visual = PeakVisual()
+        f = extract_video(long_clip, audio_backbone=FakeAudio(), visual_backbone=visual, fps=fps,
+                          batch_frames=batch, chunk_seconds=chunk)
+        assert f.seconds == 12 and visual.frames_seen == 48
+        peaks[chunk] = visual.peak                                    # seconds of frames alive
+    assert peaks[None] == 12                                         # one chunk: the whole video
+    assert peaks[1] <= 1 + -(-batch // fps) + 1
+    assert peaks[3] <= 3 + -(-batch // fps) + 1
+    # the store path streams too: a 12 s row through extract with 2 s chunks
+    visual = PeakVisual()
+    res = _run([str(long_clip)], long_clip.parent / "out", seconds=12, visual_backbone=visual, batch_frames=batch,
+               chunk_seconds=2)
+    assert res.failed == 0 and visual.frames_seen == 48 and visual.peak <= 2 * 2 + -(-batch // fps) + 1

@@ -29,6 +29,9 @@ Efficiency
 Frames stream through the decoder; only sampled frames are converted to RGB (each source frame at most
 once, even when it fills several sample times, as when the source rate is below ``fps``), resized in
 the same swscale call when ``size`` is given. Video packets after ``T`` are not decoded.
+:class:`VideoStream` yields the frames second by second in the same single pass over the container (no
+seeking), so a consumer that does not keep them (``extract_video``) holds about one second of frames
+however long the video; :func:`decode_video` gathers them all.
 """
 from __future__ import annotations
 
@@ -119,24 +122,75 @@ def decode_video(path: str | Path, *, fps: int = DEFAULT_FPS, seconds: int | Non
     ``size``: (height, width) (or one int for a square) to resize frames while decoding, aspect ratio
     not kept (as AVE's 224x224); None keeps the source size. ``video``/``audio`` False skip a stream
     (its output is then black/silent without a flag). ``threads``: FFmpeg decoder threads (0 = auto).
+    All frames are held in memory (``T * fps`` of them); :class:`VideoStream` gives them second by second.
     """
-    path = Path(path)
-    fps = int(fps)
-    if fps < 1:
-        raise ValueError(f"fps must be >= 1, got {fps}")
-    size = _norm_size(size)
-    try:
-        container = av.open(str(path), mode="r")
-    except _FFMPEG_ERRORS + (OSError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise VideoDecodeError(path, f"cannot open ({type(e).__name__}: {reason})") from None
-    try:
-        return _decode(container, path, fps, seconds, sample_rate, size, video, audio, threads)
-    finally:
-        container.close()
+    with VideoStream(path, fps=fps, seconds=seconds, sample_rate=sample_rate, size=size, video=video,
+                     audio=audio, threads=threads) as vs:
+        frames, times = [], []
+        for _, f, t in vs:
+            frames.append(f)
+            times.append(t)
+    frames = np.concatenate(frames) if len(frames) > 1 else frames[0]
+    frame_times = np.concatenate(times) if len(times) > 1 else times[0]
+    return DecodedVideo(str(vs.path), frames, vs.waveform, vs.seconds, vs.fps, vs.sample_rate, vs.duration,
+                        frame_times, vs.flags)
 
 
-def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_audio, threads) -> DecodedVideo:
+class VideoStream:
+    """One streaming pass over a video, second by second, with the rules of :func:`decode_video`.
+
+    Iterating yields ``(s, frames, frame_times)`` for ``s = 0 .. T-1`` in order: ``frames`` uint8
+    [fps, H, W, 3] and ``frame_times`` float64 [fps], exactly the rows ``s * fps .. (s+1) * fps - 1`` of
+    :func:`decode_video`'s arrays. A second is yielded as soon as the demuxer has passed it, so only
+    about one second of frames is held (plus the waveform, which is kept whole). Once the iteration is
+    over (from the end of the demuxing on, before the last seconds are yielded), ``seconds`` (T),
+    ``waveform``, ``duration`` and ``flags`` are set as in :class:`DecodedVideo` (``seconds`` is known
+    from the start when given or when the container has a duration; else seconds are yielded only once
+    the content decoded so far proves them < T).
+
+    Opening raises :class:`VideoDecodeError` as :func:`decode_video` does; use it as a context manager
+    (or call :meth:`close`) so that a pass abandoned early closes the file. One pass only.
+    """
+
+    def __init__(self, path: str | Path, *, fps: int = DEFAULT_FPS, seconds: int | None = None,
+                 sample_rate: int = DEFAULT_SAMPLE_RATE, size: int | tuple[int, int] | None = None,
+                 video: bool = True, audio: bool = True, threads: int = 0):
+        self.path = Path(path)
+        self.fps = int(fps)
+        if self.fps < 1:
+            raise ValueError(f"fps must be >= 1, got {fps}")
+        self.size = _norm_size(size)
+        self.sample_rate = sample_rate
+        self.seconds: int | None = None
+        self.waveform: np.ndarray | None = None
+        self.duration: float | None = None
+        self.flags: dict | None = None
+        try:
+            self._container = av.open(str(self.path), mode="r")
+        except _FFMPEG_ERRORS + (OSError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            raise VideoDecodeError(self.path, f"cannot open ({type(e).__name__}: {reason})") from None
+        self._gen = _stream(self._container, self.path, self.fps, seconds, sample_rate, self.size, video, audio,
+                            threads, self)
+
+    def __iter__(self):
+        return self._gen
+
+    def close(self) -> None:
+        self._gen.close()
+        self._container.close()
+
+    def __enter__(self) -> "VideoStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def active_flags(self) -> dict:
+        return {k: v for k, v in (self.flags or {}).items() if v}
+
+
+def _stream(container, path, fps, seconds, sample_rate, size, want_video, want_audio, threads, out):
     vstream = container.streams.video[0] if container.streams.video else None
     astream = container.streams.audio[0] if container.streams.audio else None
     if vstream is None and astream is None:
@@ -152,6 +206,7 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
         T = max(1, int(math.floor(duration + DURATION_TOLERANCE)))
     else:
         T = None   # unknown until decoded
+    out.seconds = T
     n_samples = None if T is None else T * fps
     audio_needed = None if T is None else T * sample_rate
 
@@ -168,9 +223,12 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
         raise VideoDecodeError(path, "none of the requested streams is present")
 
     corrupt = 0
-    # --- video selection state
-    chosen: list[np.ndarray] = []
-    chosen_t: list[float] = []
+    # --- video selection state: samples taken and not yet yielded (``pending``: RGB arrays, the same array
+    # repeated when one frame fills several sample times), ``taken`` samples in all, ``emitted`` seconds yielded
+    pending: list[np.ndarray] = []
+    pending_t: list[float] = []
+    taken = 0
+    emitted = 0
     cur_frame = None            # last decoded frame (pts <= next sample time)
     cur_t = None
     last_dt = 1.0 / fps         # duration of the last frame (for ``padded_video``)
@@ -195,8 +253,10 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
         return converted[1]
 
     def take(frame, t):
-        chosen.append(to_rgb(frame))
-        chosen_t.append(t)
+        nonlocal taken
+        pending.append(to_rgb(frame))
+        pending_t.append(t)
+        taken += 1
 
     def on_video(frame):
         nonlocal cur_frame, cur_t, last_dt, video_done, video_end
@@ -209,7 +269,7 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
             return   # out-of-order frame from a damaged stream: keep the monotone timeline
         if cur_t is not None and t > cur_t:
             last_dt = t - cur_t
-        k = len(chosen)
+        k = taken
         while (n_samples is None or k < n_samples) and (k + 0.5) / fps < t:
             take(cur_frame if cur_frame is not None else frame, cur_t if cur_frame is not None else t)
             k += 1
@@ -236,6 +296,23 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
         if audio_needed is not None and audio_have >= audio_needed:
             audio_done = True
 
+    def certain_seconds() -> int:
+        """Complete seconds that are surely < T: with T unknown, T >= floor(the content seen so far)."""
+        complete = taken // fps
+        if T is not None:
+            return complete
+        seen = max(cur_t if cur_t is not None else 0.0, audio_have / sample_rate)
+        return min(complete, int(math.floor(seen + DURATION_TOLERANCE)))
+
+    def emit(upto):
+        nonlocal emitted
+        while emitted < upto:
+            frames = np.stack(pending[:fps])
+            times = np.asarray(pending_t[:fps], dtype=np.float64)
+            del pending[:fps], pending_t[:fps]
+            emitted += 1
+            yield emitted - 1, frames, times
+
     demux = container.demux(*streams)
     while not (video_done and audio_done):
         try:
@@ -260,12 +337,17 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
                 on_video(frame)
                 if video_done:
                     break
+            del decoded
+            if taken >= (emitted + 1) * fps:
+                yield from emit(certain_seconds())
         else:
             try:
                 on_audio_frames([r for f in decoded for r in resampler.resample(f)])
             except _FFMPEG_ERRORS as e:
                 corrupt += 1
                 log.debug("%s: skipping undecodable audio (%s)", path, e)
+            if T is None and taken >= (emitted + 1) * fps:
+                yield from emit(certain_seconds())
     if decode_a and not audio_done:
         try:
             on_audio_frames(resampler.resample(None))
@@ -289,15 +371,12 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
     times = sample_times(T, fps)
     if cur_frame is None:
         h, w = size or ((vstream.height, vstream.width) if vstream is not None and vstream.height else NO_VIDEO_SIZE)
-        frames = np.zeros((n_samples, h, w, 3), np.uint8)
-        frame_times = np.full(n_samples, np.nan)
         flags["no_video"] = want_video
     else:
-        del chosen[n_samples:], chosen_t[n_samples:]
-        while len(chosen) < n_samples:
+        keep = n_samples - emitted * fps   # emitted <= T always (certain_seconds)
+        del pending[keep:], pending_t[keep:]
+        while len(pending) < keep:
             take(cur_frame, cur_t)
-        frames = np.stack(chosen)
-        frame_times = np.asarray(chosen_t, dtype=np.float64)
         padded = int(np.sum(times >= video_end + 1e-9))
         flags["padded_frames"] = padded
         flags["padded_video"] = padded > 0
@@ -305,6 +384,7 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
     # --- waveform
     if decode_a:
         wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        chunks.clear()
         if len(wave) == 0:
             flags["no_audio"] = True
         elif len(wave) < audio_needed - AUDIO_TOLERANCE * sample_rate:
@@ -312,10 +392,18 @@ def _decode(container, path, fps, seconds, sample_rate, size, want_video, want_a
         waveform = np.zeros(audio_needed, np.float32)
         n = min(len(wave), audio_needed)
         waveform[:n] = wave[:n]
+        del wave
     else:
         waveform = np.zeros(audio_needed, np.float32)
         flags["no_audio"] = want_audio
-    return DecodedVideo(str(path), frames, waveform, T, fps, sample_rate, float(duration), frame_times, flags)
+    out.seconds, out.waveform, out.duration, out.flags = T, waveform, float(duration), flags
+
+    # --- the seconds not yielded yet
+    if cur_frame is None:
+        for s in range(emitted, T):
+            yield s, np.zeros((fps, h, w, 3), np.uint8), np.full(fps, np.nan)
+    else:
+        yield from emit(T)
 
 
 def decode_audio(path: str | Path, *, seconds: int | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE) -> DecodedVideo:

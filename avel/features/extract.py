@@ -45,13 +45,15 @@ import os
 import re
 import shutil
 import sys
+import queue
 import tempfile
+import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -59,7 +61,7 @@ import torch
 
 from ..data.errors import DataError
 from ..data.store import H5_KEY, SPEC_FILE, write_spec
-from .decode import DecodedVideo, VideoDecodeError, decode_video
+from .decode import DecodedVideo, VideoDecodeError, VideoStream, decode_video
 from .spec import FeatureSpec, StreamSpec
 
 log = logging.getLogger(__name__)
@@ -214,35 +216,130 @@ def _sample_rate(audio_backbone) -> int:
     return int(getattr(getattr(audio_backbone, "spec", None), "sample_rate", 0) or 16000)
 
 
-def features_of(decoded: DecodedVideo, *, audio_backbone, visual_backbone, batch_frames: int = 64) -> VideoFeatures:
-    """Run the backbones on a decoded video: per-second means of the frame maps, audio per second."""
-    T, fps = decoded.seconds, decoded.fps
-    frames = decoded.frames
-    sums = None
-    with torch.inference_mode():
-        for lo in range(0, len(frames), max(1, int(batch_frames))):
-            out = visual_backbone(frames[lo:lo + batch_frames])
-            out = out.detach().to("cpu", torch.float32).numpy() if isinstance(out, torch.Tensor) \
-                else np.asarray(out, dtype=np.float32)
-            if sums is None:
-                sums = np.zeros((T, *out.shape[1:]), np.float64)
-            sec = (lo + np.arange(len(out))) // fps
-            for s in np.unique(sec):
-                sums[s] += out[sec == s].sum(0, dtype=np.float64)
-        visual = (sums / fps).astype(np.float32)
-        audio = audio_backbone(decoded.waveform, T)
+DEFAULT_CHUNK_SECONDS = 30   # seconds of frames decoded ahead of the visual backbone (memory bound, not results)
+
+
+class _VisualSums:
+    """Per-second sums of the visual backbone's outputs over frames fed in order, in pieces of any size.
+
+    The backbone always runs on batches of ``batch_frames`` consecutive frames counted from the first
+    frame of the video (the last batch shorter), whatever pieces the frames arrive in, so the features
+    are the same bit for bit however the video is chunked. Holds at most ``batch_frames - 1`` frames
+    between calls of :meth:`add` (views of the pieces fed).
+    """
+
+    def __init__(self, backbone, fps: int, batch_frames: int):
+        self.backbone, self.fps, self.batch = backbone, int(fps), max(1, int(batch_frames))
+        self.pieces: deque[np.ndarray] = deque()
+        self.held = 0         # frames in ``pieces``
+        self.done = 0         # frames run through the backbone
+        self.sums: list[np.ndarray] = []
+
+    def add(self, *pieces: np.ndarray) -> None:
+        for frames in pieces:
+            if len(frames):
+                self.pieces.append(frames)
+                self.held += len(frames)
+            while self.held >= self.batch:
+                self._run(self._take(self.batch))
+
+    def finish(self, seconds: int) -> np.ndarray:
+        if self.held:
+            self._run(self._take(self.held))
+        if len(self.sums) != seconds or self.done != seconds * self.fps:
+            raise RuntimeError(f"visual features of {len(self.sums)} s ({self.done} frames) for a {seconds} s video")
+        return (np.stack(self.sums) / self.fps).astype(np.float32)
+
+    def _take(self, n: int) -> np.ndarray:
+        first = self.pieces[0]
+        if len(first) >= n:                      # a view: no copy when a piece holds the whole batch
+            batch = first[:n]
+            if len(first) > n:
+                self.pieces[0] = first[n:]
+            else:
+                self.pieces.popleft()
+        else:
+            parts, need = [], n
+            while need:
+                p = self.pieces[0]
+                if len(p) <= need:
+                    parts.append(self.pieces.popleft())
+                    need -= len(p)
+                else:
+                    parts.append(p[:need])
+                    self.pieces[0] = p[need:]
+                    need = 0
+            batch = np.concatenate(parts)
+        self.held -= n
+        return batch
+
+    def _run(self, batch: np.ndarray) -> None:
+        out = self.backbone(batch)
+        out = out.detach().to("cpu", torch.float32).numpy() if isinstance(out, torch.Tensor) \
+            else np.asarray(out, dtype=np.float32)
+        sec = (self.done + np.arange(len(out))) // self.fps
+        for s in np.unique(sec):
+            while len(self.sums) <= s:
+                self.sums.append(np.zeros(out.shape[1:], np.float64))
+            self.sums[s] += out[sec == s].sum(0, dtype=np.float64)
+        self.done += len(batch)
+
+
+def _video_features(visual: np.ndarray, waveform: np.ndarray, T: int, audio_backbone, flags: dict,
+                    duration: float) -> VideoFeatures:
+    audio = audio_backbone(waveform, T)
     audio = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
     audio = audio.astype(np.float32, copy=False)
     if audio.ndim != 2 or audio.shape[0] != T:
         raise ValueError(f"audio backbone returned shape {audio.shape}, expected [{T}, dim]")
-    flags = decoded.active_flags()
     if not (np.isfinite(audio).all() and np.isfinite(visual).all()):
         flags["nonfinite"] = True
-    return VideoFeatures(audio, visual, flags, decoded.duration)
+    return VideoFeatures(audio, visual, flags, duration)
+
+
+def features_of(decoded: DecodedVideo, *, audio_backbone, visual_backbone, batch_frames: int = 64) -> VideoFeatures:
+    """Run the backbones on a decoded video: per-second means of the frame maps, audio per second."""
+    T, fps = decoded.seconds, decoded.fps
+    sums = _VisualSums(visual_backbone, fps, batch_frames)
+    with torch.inference_mode():
+        sums.add(decoded.frames)
+        visual = sums.finish(T)
+        return _video_features(visual, decoded.waveform, T, audio_backbone, decoded.active_flags(), decoded.duration)
+
+
+def _chunks(stream: VideoStream, chunk_seconds: int | None) -> Iterator[list[np.ndarray]]:
+    """The per-second frame arrays of ``stream``, ``chunk_seconds`` seconds per list (None: one list)."""
+    step = None if chunk_seconds is None else int(chunk_seconds)
+    if step is not None and step < 1:
+        raise ValueError(f"chunk_seconds must be >= 1 or None, got {chunk_seconds}")
+    chunk: list[np.ndarray] = []
+    for _, frames, _ in stream:
+        chunk.append(frames)
+        del frames
+        if step is not None and len(chunk) >= step:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _stream_features(chunks: Iterable[list[np.ndarray]], source, *, audio_backbone, visual_backbone, fps: int,
+                     batch_frames: int) -> VideoFeatures:
+    """Features from the chunks of one video; ``source.stream`` (or ``source``) is its finished VideoStream."""
+    sums = _VisualSums(visual_backbone, fps, batch_frames)
+    with torch.inference_mode():
+        for chunk in chunks:
+            sums.add(*chunk)
+            del chunk
+        stream = getattr(source, "stream", source)
+        visual = sums.finish(stream.seconds)
+        return _video_features(visual, stream.waveform, stream.seconds, audio_backbone, stream.active_flags(),
+                               stream.duration)
 
 
 def extract_video(path: str | Path, *, audio_backbone, visual_backbone, seconds: int | None = None, fps: int = 16,
-                  batch_frames: int = 64, frame_size="auto") -> VideoFeatures:
+                  batch_frames: int = 64, frame_size="auto",
+                  chunk_seconds: int | None = DEFAULT_CHUNK_SECONDS) -> VideoFeatures:
     """Features of one video of any length (``seconds`` None: its whole seconds). Raises
     :class:`~avel.features.decode.VideoDecodeError` when the file cannot be decoded.
 
@@ -250,11 +347,97 @@ def extract_video(path: str | Path, *, audio_backbone, visual_backbone, seconds:
     backbone's ``input_size`` (height, width) or ``image_size`` (square) when it has one, so the backbone's
     own resize is a no-op and decoded clips stay small; None keeps the source size (the backbone resizes);
     or an explicit (height, width).
+
+    The video is decoded in one streaming pass, ``chunk_seconds`` seconds of frames at a time, each chunk
+    run through the visual backbone before the next is decoded: at most about ``chunk_seconds * fps +
+    batch_frames`` frames are held, however long the video (None: all frames at once). The features do
+    not depend on ``chunk_seconds`` (the backbone batches are the same).
     """
-    decoded = decode_video(path, fps=fps, seconds=seconds, sample_rate=_sample_rate(audio_backbone),
-                           size=_frame_size(visual_backbone, frame_size))
-    return features_of(decoded, audio_backbone=audio_backbone, visual_backbone=visual_backbone,
-                       batch_frames=batch_frames)
+    with VideoStream(path, fps=fps, seconds=seconds, sample_rate=_sample_rate(audio_backbone),
+                     size=_frame_size(visual_backbone, frame_size)) as stream:
+        return _stream_features(_chunks(stream, chunk_seconds), stream, audio_backbone=audio_backbone,
+                                visual_backbone=visual_backbone, fps=stream.fps, batch_frames=batch_frames)
+
+
+class _DecodeFailure(Exception):
+    """Decoding (not the backbones) failed: ``error`` is the original exception."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Prefetch:
+    """One video decoded ahead of the CNN: :meth:`run` (in a pool thread) puts its chunks in a bounded queue
+    that :meth:`chunks` (the calling thread) takes from; without a pool, :meth:`chunks` decodes inline.
+    Decoding errors come out of :meth:`chunks` as :class:`_DecodeFailure`; ``stream`` is the finished
+    VideoStream once the chunks are exhausted."""
+
+    def __init__(self, open_stream, chunk_seconds: int | None, threaded: bool, depth: int = 1):
+        self._open = open_stream
+        self._chunk_seconds = chunk_seconds
+        self._threaded = threaded
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self.stream: VideoStream | None = None
+
+    def run(self) -> None:
+        try:
+            with self._open() as stream:
+                for chunk in _chunks(stream, self._chunk_seconds):
+                    if not self._put(("chunk", chunk)):
+                        return
+                    del chunk
+            self._put(("end", stream))
+        except BaseException as e:  # noqa: BLE001 - passed on to the consumer
+            self._put(("error", e))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    def chunks(self) -> Iterator[list[np.ndarray]]:
+        if not self._threaded:
+            yield from self._inline()
+            return
+        while True:
+            kind, value = self._q.get()
+            if kind == "chunk":
+                yield value
+                del value
+            elif kind == "end":
+                self.stream = value
+                return
+            elif isinstance(value, Exception):
+                raise _DecodeFailure(value)
+            else:
+                raise value
+
+    def _inline(self) -> Iterator[list[np.ndarray]]:
+        try:
+            stream = self._open()
+        except Exception as e:  # noqa: BLE001
+            raise _DecodeFailure(e) from e
+        with stream:
+            it = _chunks(stream, self._chunk_seconds)
+            while True:
+                try:
+                    chunk = next(it)
+                except StopIteration:
+                    break
+                except Exception as e:  # noqa: BLE001
+                    raise _DecodeFailure(e) from e
+                yield chunk
+                del chunk
+        self.stream = stream
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -420,13 +603,15 @@ def extract(videos: Sequence[VideoItem | str | Path], out_dir: str | Path, *, au
             seconds: int = 10, fps: int = 16, batch_frames: int = 64, workers: int = 2,
             num_shards: int | None = 1, shard_index: int | None = 0, progress: bool = True,
             annotations: str | Path | None = None, frame_size="auto", keep_parts: bool = False,
-            retry_failed: bool = False) -> ExtractResult:
+            retry_failed: bool = False, chunk_seconds: int | None = DEFAULT_CHUNK_SECONDS) -> ExtractResult:
     """Extract features of ``videos`` (rows, in order) into the store ``out_dir`` (see the module doc).
 
     ``audio_backbone`` / ``visual_backbone``: backbone objects (see avel.features.backbones).
     ``workers``: decoding threads running ahead of the CNN (0: decode in the calling thread).
     ``annotations``: the Annotations.txt the rows come from, copied into the store.
     ``frame_size``: see :func:`extract_video`. ``retry_failed``: redo rows that failed in an earlier run.
+    ``chunk_seconds``: each video streams through the CNN that many seconds of frames at a time (see
+    :func:`extract_video`; a decoding thread holds about two chunks), so memory does not grow with ``seconds``.
     Returns an :class:`ExtractResult`; the store is finalized once all rows of the shard are done.
     """
     t_start = time.perf_counter()
@@ -436,6 +621,8 @@ def extract(videos: Sequence[VideoItem | str | Path], out_dir: str | Path, *, au
     seconds, fps = int(seconds), int(fps)
     if seconds < 1 or fps < 1:
         raise ValueError(f"seconds and fps must be >= 1, got {seconds}, {fps}")
+    if chunk_seconds is not None and int(chunk_seconds) < 1:
+        raise ValueError(f"chunk_seconds must be >= 1 or None, got {chunk_seconds}")
     num_shards, shard_index = shard_from_env(num_shards, shard_index)
     out_dir = Path(out_dir)
     store = shard_dir(out_dir, shard_index, num_shards) if num_shards > 1 else out_dir
@@ -487,48 +674,54 @@ def extract(videos: Sequence[VideoItem | str | Path], out_dir: str | Path, *, au
     size = _frame_size(visual_backbone, frame_size)
     sample_rate = _sample_rate(audio_backbone)
 
-    def decode(item: VideoItem) -> DecodedVideo:
+    def open_stream(item: VideoItem) -> VideoStream:
         if item.path is None:
             raise VideoDecodeError(item.video_id, "video file not found")
-        return decode_video(item.path, fps=fps, seconds=seconds, sample_rate=sample_rate, size=size)
+        return VideoStream(item.path, fps=fps, seconds=seconds, sample_rate=sample_rate, size=size)
 
     processed = failed_now = 0
     video_seconds = 0.0
     bar = _progress_bar(len(groups), resumed, progress, store)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="avel-decode") if workers > 0 else None
-    pending: deque[tuple[list[VideoItem], Future | None]] = deque()
-    queue = iter(todo)
+    pending: deque[tuple[list[VideoItem], _Prefetch]] = deque()
+    queue_ = iter(todo)
     ahead = max(1, workers) + 1
+    current: _Prefetch | None = None
 
     def fill():
         while len(pending) < ahead:
-            g = next(queue, None)
+            g = next(queue_, None)
             if g is None:
                 return
-            pending.append((g, pool.submit(decode, g[0]) if pool else None))
+            pre = _Prefetch(lambda item=g[0]: open_stream(item), chunk_seconds, threaded=pool is not None)
+            if pool is not None:
+                pool.submit(pre.run)
+            pending.append((g, pre))
 
     try:
         fill()
         while pending:
-            g, fut = pending.popleft()
+            g, current = pending.popleft()
+            fill()
             error = None
             try:
-                decoded = fut.result() if fut is not None else decode(g[0])
-            except VideoDecodeError as e:
-                error = str(e)
-            except Exception as e:  # noqa: BLE001 - any decoding trouble is this video's failure, not the run's
-                log.warning("%s: decoding failed", g[0].path, exc_info=True)
-                error = f"{g[0].path}: {type(e).__name__}: {e}"
-            fill()
+                feats = _stream_features(current.chunks(), current, audio_backbone=audio_backbone,
+                                         visual_backbone=visual_backbone, fps=fps, batch_frames=batch_frames)
+            except _DecodeFailure as failure:
+                e = failure.error
+                if isinstance(e, VideoDecodeError):
+                    error = str(e)
+                else:   # any decoding trouble is this video's failure, not the run's
+                    log.warning("%s: decoding failed", g[0].path, exc_info=e)
+                    error = f"{g[0].path}: {type(e).__name__}: {e}"
+            current = None
             if error is None:
-                feats = features_of(decoded, audio_backbone=audio_backbone, visual_backbone=visual_backbone,
-                                    batch_frames=batch_frames)
-                del decoded
                 for it in g:
                     meta = {"video_id": it.video_id, "path": it.path, "status": "ok", "flags": feats.flags,
                             "seconds": seconds, "duration": round(feats.duration, 4), "error": None}
                     _write_npz(_part_path(parts, it.row), audio=feats.audio, visual=feats.visual,
                                meta=_meta_array(meta))
+                del feats
                 video_seconds += seconds
             else:
                 log.warning("failed: %s", error)
@@ -543,6 +736,9 @@ def extract(videos: Sequence[VideoItem | str | Path], out_dir: str | Path, *, au
                 if failed_now:
                     bar.set_postfix(failed=failed_now, refresh=False)
     finally:
+        for pre in [current, *(pre for _, pre in pending)]:
+            if pre is not None:
+                pre.cancel()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
