@@ -74,7 +74,24 @@ def _free(arrays: list, i: int) -> bool:
     return _refs(arrays, i) == _ALONE
 
 
-class H5Rows:
+class _ProcessLocal:
+    """Readers travel to other processes (DDP, spawn) without their open handle or buffer pool:
+    the handle reopens on first use there, the pool starts empty."""
+
+    _handle = "_file"
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state[self._handle] = None
+        state["_pool"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pool = ArrayPool()
+
+
+class H5Rows(_ProcessLocal):
     """Lazy row access to one dataset of an h5 file. Opens the file on first use in each process."""
 
     def __init__(self, path: str | Path, key: str = H5_KEY):
@@ -133,19 +150,11 @@ class H5Rows:
             self._file.close()
             self._file = None
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_file"] = None
-        state["_pool"] = None
-        return state
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._pool = ArrayPool()
-
-
-class NpyRows:
+class NpyRows(_ProcessLocal):
     """Row access to a .npy array (the packed layout); returns float32 rows in the order asked for."""
+
+    _handle = "_fd"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -209,15 +218,6 @@ class NpyRows:
         except Exception:
             pass
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fd"] = None
-        state["_pool"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._pool = ArrayPool()
 
 
 def _widen(src: np.ndarray, dst: np.ndarray) -> None:
