@@ -129,6 +129,7 @@ def _add_feature_commands(sub, common, ckpt, js) -> None:
                    help="visual backbone: efficientnet-lite0 (offline default) | vgg19-pool5")
     p.add_argument("--audio-weights", help="weights file for the audio backbone ('random' only if you mean it)")
     p.add_argument("--visual-weights", help="weights file for the visual backbone ('random' only if you mean it)")
+    p.add_argument("--visual-size", type=int, help="frame size for efficientnet-lite0 (default 224: a 7x7 grid)")
     p.add_argument("--seconds", type=int, default=10, help="segments per video in the store (AVE: 10)")
     p.add_argument("--fps", type=int, default=16, help="frames per second averaged per segment (AVE: 16)")
     p.add_argument("--batch-frames", type=int, default=64)
@@ -308,7 +309,8 @@ def cmd_extract(args) -> int:
                          audio_weights=args.audio_weights, visual_weights=args.visual_weights, seconds=args.seconds,
                          fps=args.fps, batch_frames=args.batch_frames, workers=args.workers,
                          num_shards=args.num_shards, shard_index=args.shard_index, device=args.device,
-                         progress=not args.no_progress, keep_parts=args.keep_parts, retry_failed=args.retry_failed)
+                         progress=not args.no_progress, keep_parts=args.keep_parts, retry_failed=args.retry_failed,
+                         visual_size=args.visual_size)
     print(result)
     return 0
 

@@ -335,3 +335,24 @@ def test_chunked_extraction_bounds_the_frames_held(long_clip, monkeypatch):
     res = _run([str(long_clip)], long_clip.parent / "out", seconds=12, visual_backbone=visual, batch_frames=batch,
                chunk_seconds=2)
     assert res.failed == 0 and visual.frames_seen == 48 and visual.peak <= 2 * 2 + -(-batch // fps) + 1
+
+
+def test_cli_visual_size_is_recorded_and_refused_where_fixed(tmp_path):
+    """`avel extract --visual-size` reaches the backbone, lands in the spec, and a backbone with a
+    fixed input size refuses it with a clear error instead of a traceback."""
+    import h5py
+
+    from avel.cli import main
+    from avel.features.media import color_frames, write_clip
+
+    clip = tmp_path / "in" / "a.mp4"
+    clip.parent.mkdir()
+    write_clip(clip, color_frames([(200, 30, 30), (30, 200, 30)], 16, (48, 64)), 16, None)
+    assert main(["extract", str(clip.parent), "--out", str(tmp_path / "out"), "--visual-size", "64",
+                 "--seconds", "2", "--no-progress"]) == 0
+    spec = json.loads((tmp_path / "out" / "features.json").read_text())["spec"]["visual"]
+    assert spec["input_size"] == [64, 64] and spec["grid"] == [2, 2]
+    with h5py.File(tmp_path / "out" / "visual_feature.h5") as f:
+        assert f["avadataset"].shape == (1, 2, 2, 2, 1280)
+    assert main(["extract", str(clip.parent), "--out", str(tmp_path / "vgg"), "--visual", "vgg19-pool5",
+                 "--visual-weights", "random", "--visual-size", "64", "--no-progress"]) == 2

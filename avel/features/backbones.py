@@ -48,6 +48,17 @@ def register_audio(name: str):
     return wrap
 
 
+def _call_builder(name: str, builder, **kwargs):
+    import inspect
+
+    accepted = inspect.signature(builder).parameters
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ValueError(f"backbone {name!r} does not take {', '.join(unknown)} "
+                         f"(it takes {', '.join(k for k in accepted if k not in ('weights', 'device'))})")
+    return builder(**kwargs)
+
+
 def _ensure_builtin() -> None:
     # Importing the modules registers their builders.
     from . import efficientnet, logmel, vgg, vggish  # noqa: F401
@@ -69,11 +80,11 @@ def build_visual_backbone(name: str, *, weights: str | None = None, device: str 
     _ensure_builtin()
     if name not in _VISUAL:
         raise KeyError(f"unknown visual backbone {name!r}; available: {', '.join(sorted(_VISUAL))}")
-    return _VISUAL[name](weights=weights, device=device, **kwargs)
+    return _call_builder(name, _VISUAL[name], weights=weights, device=device, **kwargs)
 
 
 def build_audio_backbone(name: str, *, weights: str | None = None, device: str = "cpu", **kwargs) -> AudioBackbone:
     _ensure_builtin()
     if name not in _AUDIO:
         raise KeyError(f"unknown audio backbone {name!r}; available: {', '.join(sorted(_AUDIO))}")
-    return _AUDIO[name](weights=weights, device=device, **kwargs)
+    return _call_builder(name, _AUDIO[name], weights=weights, device=device, **kwargs)

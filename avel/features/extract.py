@@ -941,14 +941,18 @@ def run_extract(inputs: Sequence[str], out: str, *, video_dir: str | None = None
                 visual_weights: str | None = None, seconds: int = 10, fps: int = 16, batch_frames: int = 64,
                 workers: int = 2, num_shards: int | None = None, shard_index: int | None = None,
                 device: str = "cpu", progress: bool = True, keep_parts: bool = False,
-                retry_failed: bool = False) -> ExtractResult:
-    """``avel extract``: build the backbones by name and extract ``inputs`` into ``out``."""
+                retry_failed: bool = False, visual_size: int | None = None) -> ExtractResult:
+    """``avel extract``: build the backbones by name and extract ``inputs`` into ``out``.
+
+    ``visual_size``: input size of a backbone that takes any (efficientnet-lite0: 224 gives its
+    7x7 grid, 128 a 4x4 grid at a third of the cost); recorded in the store's feature spec."""
     from .backbones import build_audio_backbone, build_visual_backbone
 
     items, annotations = collect_videos(inputs, video_dir=video_dir)
     num_shards, shard_index = shard_from_env(num_shards, shard_index)
     audio_bb = build_audio_backbone(audio, weights=audio_weights, device=device)
-    visual_bb = build_visual_backbone(visual, weights=visual_weights, device=device)
+    sized = {"image_size": visual_size} if visual_size else {}
+    visual_bb = build_visual_backbone(visual, weights=visual_weights, device=device, **sized)
     return extract(items, out, audio_backbone=audio_bb, visual_backbone=visual_bb, seconds=seconds, fps=fps,
                    batch_frames=batch_frames, workers=workers, num_shards=num_shards, shard_index=shard_index,
                    progress=progress, annotations=annotations, keep_parts=keep_parts, retry_failed=retry_failed)
