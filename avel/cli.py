@@ -338,7 +338,7 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(2, getattr(args, "verbose", 0) + 1)
+    level = logging.WARNING - 10 * min(2, getattr(args, "verbose", 0))   # -v: INFO, -vv: DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from .data.errors import DataError
 
