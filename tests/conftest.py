@@ -42,6 +42,27 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def cli_train_config(monkeypatch):
+    """Run `avel train ...` up to the point where the trainer receives its config; return that config."""
+    from avel.cli import main
+
+    seen = {}
+
+    def fake_train(config, out, **kw):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr("avel.engine.train.train", fake_train)
+
+    def run(argv):
+        with pytest.raises(SystemExit):
+            main(["train", *argv])
+        return seen["config"]
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -30,10 +30,14 @@ def orig(fixtures_dir):
     return fixtures_dir / "original"
 
 
+def _npz(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 @pytest.fixture(scope="module")
 def io_npz(orig):
-    with np.load(orig / "io.npz") as z:
-        return {k: z[k] for k in z.files}
+    return _npz(orig / "io.npz")
 
 
 def _run(model, io_npz):
@@ -384,8 +388,7 @@ def test_unknown_and_missing_keys(orig, tmp_path):
 
 @pytest.fixture(scope="module")
 def cml_io(orig):
-    with np.load(orig / "cml_io.npz") as z:
-        return {k: z[k] for k in z.files}
+    return _npz(orig / "cml_io.npz")
 
 
 def _check_cml(model, cml_io):

@@ -122,21 +122,13 @@ def test_hand_written_yaml_reads_numbers_and_rejects_unknown_keys(tmp_path):
             RunConfig.from_yaml(path)
 
 
-def test_cli_config_file_and_set(tmp_path, data_root, monkeypatch):
+def test_cli_config_file_and_set(tmp_path, data_root, cli_train_config):
     """`avel train --config X --set ...`: the config the trainer receives."""
-    seen = {}
-
-    def fake_train(config, out, **kw):
-        seen["config"] = config
-        raise SystemExit(0)
-
-    monkeypatch.setattr("avel.engine.train.train", fake_train)
     path = tmp_path / "run.yaml"
     path.write_text(recipe("modern").to_yaml())
-    with pytest.raises(SystemExit):
-        main(["train", "--data-root", str(data_root), "--out", str(tmp_path / "r"), "--config", str(path),
-              "--set", "optim.lr=3e-4", "--set", "model_kwargs.hidden=8", "--epochs", "2", "--model", "av"])
-    cfg = seen["config"]
+    cfg = cli_train_config(["--data-root", str(data_root), "--out", str(tmp_path / "r"), "--config", str(path),
+                            "--set", "optim.lr=3e-4", "--set", "model_kwargs.hidden=8", "--epochs", "2",
+                            "--model", "av"])
     assert cfg.recipe == "modern" and cfg.loss == "ce"
     assert cfg.optim.lr == pytest.approx(3e-4) and cfg.epochs == 2 and cfg.model == "av"
     assert cfg.model_kwargs == {"hidden": 8} and cfg.data.root == str(data_root)

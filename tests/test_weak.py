@@ -205,19 +205,10 @@ def test_user_background_folders(root, tmp_path):
     assert len(both) == n_train + 12 + 20
 
 
-def test_cli_background_options(root, tmp_path, monkeypatch):
-    seen = {}
-
-    def fake_train(config, out, **kw):
-        seen["c"] = config
-        raise SystemExit(0)
-
-    monkeypatch.setattr("avel.engine.train.train", fake_train)
-    with pytest.raises(SystemExit):
-        main(["train", "--data-root", str(root), "--out", str(tmp_path / "r"), "--task", "weak",
-              "--background", str(tmp_path / "a"), "--background", str(tmp_path / "b"),
-              "--no-official-background", "--selection", "segment"])
-    c = seen["c"]
+def test_cli_background_options(root, tmp_path, cli_train_config):
+    c = cli_train_config(["--data-root", str(root), "--out", str(tmp_path / "r"), "--task", "weak",
+                          "--background", str(tmp_path / "a"), "--background", str(tmp_path / "b"),
+                          "--no-official-background", "--selection", "segment"])
     assert c.task == "weak" and c.epochs == 250
     assert c.data.background == (str(tmp_path / "a"), str(tmp_path / "b"))
     assert c.data.official_background is False and c.selection == "segment"
