@@ -55,41 +55,37 @@ class AVEData:
     def num_classes(self) -> int:
         return self.annotations.num_classes
 
+    def _label_file(self, name: str, shape: tuple[int, ...], derive) -> np.ndarray:
+        """The official label file ``name`` when present (its shape checked), else ``derive()``."""
+        path = self.root / name
+        if not path.is_file():
+            return derive()
+        labels = read_small_h5(path).astype(np.float32)
+        if labels.shape != shape:
+            raise DataError(f"{path}: shape {labels.shape}, expected {shape} from the annotations and features")
+        return labels
+
     @cached_property
     def targets(self) -> np.ndarray:
         """Per-segment one-hot targets [N, T, C]: labels.h5 when present, else built from spans."""
-        path = self.root / "labels.h5"
-        if path.is_file():
-            labels = read_small_h5(path).astype(np.float32)
-            want = (len(self.annotations), self.segments, self.num_classes)
-            if labels.shape != want:
-                raise DataError(f"{path}: shape {labels.shape}, expected {want} from the annotations and features")
-            return labels
-        return segment_labels(self.annotations, self.segments)
+        return self._label_file("labels.h5", (len(self.annotations), self.segments, self.num_classes),
+                                lambda: segment_labels(self.annotations, self.segments))
 
     @cached_property
     def video_labels(self) -> np.ndarray:
         """One-hot video class [N, C]: mil_labels.h5 when present, else the annotated category."""
-        path = self.root / "mil_labels.h5"
-        if path.is_file():
-            labels = read_small_h5(path).astype(np.float32)
-            if labels.shape != (len(self.annotations), self.num_classes):
-                raise DataError(f"{path}: shape {labels.shape}, expected {(len(self.annotations), self.num_classes)}")
-            return labels
-        out = np.zeros((len(self.annotations), self.num_classes), np.float32)
-        out[np.arange(len(out)), self.annotations.class_indices()] = 1.0
-        return out
+        def from_annotations():
+            out = np.zeros((len(self.annotations), self.num_classes), np.float32)
+            out[np.arange(len(out)), self.annotations.class_indices()] = 1.0
+            return out
+
+        return self._label_file("mil_labels.h5", (len(self.annotations), self.num_classes), from_annotations)
 
     @cached_property
     def event_mask(self) -> np.ndarray:
-        """[N, T] 1 inside the event (labels_closs.h5 when present)."""
-        path = self.root / "labels_closs.h5"
-        if path.is_file():
-            mask = read_small_h5(path).astype(np.float32)
-            if mask.shape != (len(self.annotations), self.segments):
-                raise DataError(f"{path}: shape {mask.shape}, expected {(len(self.annotations), self.segments)}")
-            return mask
-        return (self.targets.argmax(-1) != self.annotations.background).astype(np.float32)
+        """[N, T] 1 inside the event: labels_closs.h5 when present, else from the segment targets."""
+        return self._label_file("labels_closs.h5", (len(self.annotations), self.segments),
+                                lambda: (self.targets.argmax(-1) != self.annotations.background).astype(np.float32))
 
     def split(self, name: str, *, match: bool = False) -> np.ndarray:
         """Row indices of a split, from ``{name}_order.h5`` (``{name}_order_match.h5`` for cross-modal)."""
