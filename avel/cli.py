@@ -203,7 +203,7 @@ def cmd_evaluate(args) -> int:
     from .data.datasets import AVEData
     from .data.errors import DataError
     from .engine.evaluate import evaluate
-    from .features.spec import FeatureSpec
+    from .spec import FeatureSpec
     from .tasks import build_task
 
     model = load(args.checkpoint, map_location=args.device)
@@ -253,7 +253,7 @@ def cmd_convert(args) -> int:
         model = load_original(args.src)
         kind = getattr(model, "original_kind", "av_att")
         info = {"task": "weak" if kind == "av_att_weak" else "supervised", "source": f"official {kind}"}
-    from .features.spec import AVE_OFFICIAL
+    from .spec import AVE_OFFICIAL
 
     names = _ave_class_names()
     checkpoint.save(args.dst, model, **info, feature_spec=AVE_OFFICIAL.to_dict(), class_names=names,

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from .data.errors import DataError
-from .features.spec import FeatureSpec
+from .spec import FeatureSpec
 from .metrics import spans as class_spans
+from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -434,16 +435,15 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def write_result(result: Localization, out: Path, stem: str, fmt: str) -> list[Path]:
-    from .engine.checkpoint import atomic_write_text
 
     if fmt == "json":
         path = out / f"{stem}.json"
-        atomic_write_text(path, json.dumps(result.to_dict(), indent=1))
+        atomic_write(path, json.dumps(result.to_dict(), indent=1))
         return [path]
     if fmt == "csv":
         a, b = out / f"{stem}.csv", out / f"{stem}_spans.csv"
-        atomic_write_text(a, result.segments_csv())
-        atomic_write_text(b, result.spans_csv())
+        atomic_write(a, result.segments_csv())
+        atomic_write(b, result.spans_csv())
         return [a, b]
     raise ValueError(f"format must be json or csv, not {fmt!r}")
 
@@ -455,7 +455,6 @@ def run_localize(videos: Sequence[str | Path], *, checkpoint: str | Path, out: s
 
     Returns 0 when every video was localized, 1 when some failed (each named with its reason in the
     summary and on stderr; the others are done), 2 when nothing could run (checkpoint, backbones)."""
-    from .engine.checkpoint import atomic_write_text
     from .features.weights import WeightsNotFoundError
 
     out = Path(out)
@@ -491,7 +490,7 @@ def run_localize(videos: Sequence[str | Path], *, checkpoint: str | Path, out: s
         spans_text = ", ".join(f"{s.label} {s.start}-{s.end} s ({s.score:.2f})" for s in result.spans) or "no event"
         print(f"{video}: {result.seconds} s: {spans_text}")
     if fmt == "json":
-        atomic_write_text(out / "summary.json", json.dumps({"checkpoint": str(checkpoint), "videos": summary}, indent=1))
+        atomic_write(out / "summary.json", json.dumps({"checkpoint": str(checkpoint), "videos": summary}, indent=1))
     else:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -499,7 +498,7 @@ def run_localize(videos: Sequence[str | Path], *, checkpoint: str | Path, out: s
         for s in summary:
             spans_text = ";".join(f"{d['label']}:{d['start']}-{d['end']}" for d in s.get("spans", []))
             w.writerow([s["video"], s["status"], s.get("seconds", ""), spans_text, s["error"] or ""])
-        atomic_write_text(out / "summary.csv", buf.getvalue())
+        atomic_write(out / "summary.csv", buf.getvalue())
     if report and results:
         from .viz.report import ReportEntry, write_report
 

@@ -12,7 +12,7 @@ whose inputs it accepts, and no engine code branches on a model's name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from .data.datasets import AVEData, ConcatRows, GridMeanRows, PairRows, SegmentR
 from .data.errors import DataError
 from .data.store import open_store
 from .models.cml import pairwise_distance
+from .models.registry import model_name
 
 
 def segment_losses(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -40,13 +41,32 @@ def segment_losses(logits: torch.Tensor, target: torch.Tensor, kind: str) -> tor
     raise ValueError(f"unknown loss {kind!r} for this task (softmax_mlsm | ce)")
 
 
+def model_loss_terms(model, out: dict, batch: dict, task: str, weights: dict[str, float]) -> dict[str, torch.Tensor] | None:
+    """The model's own named loss terms (the loss-term hook), or None when it has none.
+
+    A model that defines ``loss_terms(out, batch, task)`` returns its unweighted terms, each [B] per
+    video; ``weights`` (the recipe's ``loss_weights`` over the class's ``loss_weights``) scale them.
+    """
+    hook = getattr(model, "loss_terms", None)
+    if hook is None:
+        return None
+    terms = hook(out, batch, task)
+    declared = getattr(model, "loss_weights", {})
+    return {name: term * float(weights.get(name, declared.get(name, 1.0))) for name, term in terms.items()}
+
+
+def _inner(model):
+    return getattr(model, "module", model)          # the model under DistributedDataParallel
+
+
 @dataclass
 class SupervisedTask:
     name: str = "supervised"
     loss: str = "softmax_mlsm"
     selection_key: str = "accuracy"
+    loss_weights: dict = field(default_factory=dict)   # recipe overrides of a model's term weights
 
-    output: str = "logits"                  # what the model must return for this task
+    output: str = "segment_scores"          # what every model must return for this task
 
     def model_dims(self, data: AVEData) -> dict:
         v = data.store.visual.shape
@@ -64,21 +84,42 @@ class SupervisedTask:
     def eval_source(self, data: AVEData, split: str):
         return self.rows(data, split)
 
+    def default_terms(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+        """The task's own loss, for models without the loss-term hook: every segment's class."""
+        return {"segment": segment_losses(out["logits"], batch["target"], self.loss)}
+
+    def loss_terms(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """Named, weighted per-video loss terms [B]; the training loss is their sum."""
+        out = model(batch["audio"], batch["visual"])
+        terms = model_loss_terms(_inner(model), out, batch, self.name, self.loss_weights)
+        return self.default_terms(out, batch) if terms is None else terms
+
     def losses(self, model, batch: dict) -> torch.Tensor:
-        return segment_losses(model(batch["audio"], batch["visual"])["logits"], batch["target"], self.loss)
+        """The total per-video loss [B]."""
+        return sum(self.loss_terms(model, batch).values())
 
     def predict(self, model, batch: dict) -> dict[str, np.ndarray]:
-        logits = model(batch["audio"], batch["visual"])["logits"]
-        return {"scores": logits.softmax(-1).cpu().numpy(), "target": batch["target"].cpu().numpy(),
+        out = model(batch["audio"], batch["visual"])
+        pred = {"scores": out["segment_scores"].float().cpu().numpy(), "target": batch["target"].cpu().numpy(),
                 "index": batch["index"].cpu().numpy()}
+        # Other decision rules a model declares (``<rule>_segment_scores``) are scored beside its own.
+        for key, value in out.items():
+            if key.endswith("_segment_scores"):
+                pred[key[: -len("_segment_scores")] + "_scores"] = value.float().cpu().numpy()
+        return pred
 
     def score(self, out: dict[str, np.ndarray], class_names: list[str]) -> dict:
-        return metrics.summarize(out["scores"], out["target"], class_names)
+        result = metrics.summarize(out["scores"], out["target"], class_names)
+        for key in out:
+            if key.endswith("_scores") and key not in ("scores", "video_scores"):
+                rule = key[: -len("_scores")]
+                result[f"{rule}_rule_accuracy"] = metrics.summarize(out[key], out["target"], class_names)["accuracy"]
+        return result
 
 
 @dataclass
 class WeakTask(SupervisedTask):
-    """Multiple-instance learning: the video prediction is the max over time of segment scores."""
+    """Multiple-instance learning: video labels only; segments are still scored at evaluation."""
 
     name: str = "weak"
     selection_key: str = "video_accuracy"   # honest default: uses only weak (video) labels
@@ -102,22 +143,32 @@ class WeakTask(SupervisedTask):
             sources.append(background_rows(store, data.num_classes))
         return ConcatRows(sources) if len(sources) > 1 else sources[0]
 
-    def losses(self, model, batch: dict) -> torch.Tensor:
-        logits = model(batch["audio"], batch["visual"])["logits"]           # [B, T, C]
-        pooled = logits.max(dim=1).values                                   # [B, C]
-        return segment_losses(pooled, batch["video_label"], self.loss)
+    def default_terms(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+        # The 2018 MIL rule: the video score is the max over time of the segment logits.
+        return {"video": segment_losses(out["logits"].max(dim=1).values, batch["video_label"], self.loss)}
 
     def predict(self, model, batch: dict) -> dict[str, np.ndarray]:
-        logits = model(batch["audio"], batch["visual"])["logits"]
-        return {"scores": logits.softmax(-1).cpu().numpy(),
-                "video_scores": logits.max(dim=1).values.softmax(-1).cpu().numpy(),
-                "target": batch["target"].cpu().numpy(), "video_label": batch["video_label"].cpu().numpy(),
-                "index": batch["index"].cpu().numpy()}
+        out = model(batch["audio"], batch["visual"])
+        pred = super().predict(_Precomputed(out), batch)
+        video = out["video_logits"] if "video_logits" in out else out["logits"].max(dim=1).values
+        pred["video_scores"] = video.float().softmax(-1).cpu().numpy()
+        pred["video_label"] = batch["video_label"].cpu().numpy()
+        return pred
 
     def score(self, out: dict[str, np.ndarray], class_names: list[str]) -> dict:
-        result = metrics.summarize(out["scores"], out["target"], class_names)
+        result = super().score(out, class_names)
         result["video_accuracy"] = metrics.video_accuracy(out["video_scores"], out["video_label"])
         return result
+
+
+@dataclass
+class _Precomputed:
+    """Stands in for a model whose forward already ran (so predict runs it once)."""
+
+    out: dict
+
+    def __call__(self, audio, visual) -> dict:
+        return self.out
 
 
 def background_rows(store, num_classes: int) -> SegmentRows:
@@ -152,10 +203,13 @@ class CrossModalTask:
     def eval_source(self, data: AVEData, split: str):
         return VideoVectors(data.store.audio, self._vectors(data), data.event_mask, data.split(split, match=True))
 
-    def losses(self, model, batch: dict) -> torch.Tensor:
+    def loss_terms(self, model, batch: dict) -> dict[str, torch.Tensor]:
         d = model(batch["audio"], batch["visual"])["distance"]             # [B]
         y = batch["target"].to(d.dtype)
-        return y * d.pow(2) + (1 - y) * (self.margin - d).clamp_min(0).pow(2)
+        return {"contrastive": y * d.pow(2) + (1 - y) * (self.margin - d).clamp_min(0).pow(2)}
+
+    def losses(self, model, batch: dict) -> torch.Tensor:
+        return sum(self.loss_terms(model, batch).values())
 
     def predict(self, model, batch: dict) -> dict[str, np.ndarray]:
         e_a, e_v = model.embed(batch["audio"], batch["visual"])             # [B, T, E] each
@@ -189,20 +243,29 @@ class VideoVectors:
 
 def check_model(task, model_cls: type) -> None:
     """Refuse a model class whose outputs the task cannot use, before anything is built."""
-    produces = getattr(model_cls, "outputs", ("logits",))
+    produces = model_cls.outputs
+    supported = getattr(model_cls, "tasks", ("supervised", "weak") if "segment_scores" in produces else ("cml",))
+    if task.name not in supported:
+        raise ValueError(f"model {model_name(model_cls)!r} trains the {'/'.join(supported)} task, not {task.name!r}")
     if task.output not in produces:
-        raise ValueError(f"model {getattr(model_cls, 'registry_name', model_cls.__name__)!r} returns "
-                         f"{', '.join(produces)}; the {task.name} task needs {task.output!r}")
+        raise ValueError(f"model {model_name(model_cls)!r} returns {', '.join(produces)}; "
+                         f"the {task.name} task needs {task.output!r}")
+    if task.output == "segment_scores" and not hasattr(model_cls, "loss_terms") and "logits" not in produces:
+        raise ValueError(f"model {model_name(model_cls)!r} has neither logits nor loss terms to train on")
+    unknown = sorted(set(getattr(task, "loss_weights", {})) - set(getattr(model_cls, "loss_weights", {})))
+    if unknown:
+        raise ValueError(f"loss_weights {unknown} are not loss terms of {model_name(model_cls)!r} "
+                         f"(it has {sorted(getattr(model_cls, 'loss_weights', {}))})")
 
 
 def build_task(config: RunConfig):
     if config.task == "supervised":
-        return SupervisedTask(loss=config.loss)
+        return SupervisedTask(loss=config.loss, loss_weights=dict(config.loss_weights))
     if config.task == "weak":
         key = {"default": "video_accuracy", "video": "video_accuracy", "segment": "accuracy"}.get(config.selection)
         if key is None:
             raise ValueError(f"weak task selection must be 'video' or 'segment', not {config.selection!r}")
-        return WeakTask(loss=config.loss, selection_key=key)
+        return WeakTask(loss=config.loss, selection_key=key, loss_weights=dict(config.loss_weights))
     if config.task == "cml":
         return CrossModalTask(margin=config.margin)
     raise ValueError(f"unknown task {config.task!r} (supervised | weak | cml)")

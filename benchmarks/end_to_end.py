@@ -110,7 +110,7 @@ def build(root: Path, rows: int, seed: int = 0) -> dict:
 def build_packed_only(root: Path, rows: int, seed: int = 0) -> dict:
     """Only the packed float16 layout (no 8 GB h5): enough for ``avel train --layout packed``."""
     from avel.data.store import PACKED_DIR
-    from avel.features.spec import AVE_OFFICIAL
+    from avel.spec import AVE_OFFICIAL
 
     stamp = root / "e2e.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("rows") == rows and (root / PACKED_DIR / "packed.json").is_file():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from avel.features.spec import StreamSpec
+from avel.spec import StreamSpec
 
 
 class BackboneCrash(RuntimeError):

@@ -14,7 +14,7 @@ from avel import build_model
 from avel.engine import checkpoint
 from avel.features.logmel import LOGMEL_SPEC
 from avel.features.media import tone, write_clip
-from avel.features.spec import AVE_OFFICIAL, FeatureSpec, StreamSpec
+from avel.spec import AVE_OFFICIAL, FeatureSpec, StreamSpec
 from avel.localize import Localization, LocalizeError, Localizer, Span, merge_spans, run_localize
 
 CLASSES = ["Bell", "Bird", "Alarm", "background"]

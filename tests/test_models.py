@@ -14,9 +14,15 @@ from avel.models.attention import AudioGuidedAttention
 from avel.models.registry import model_class
 from avel.tasks import SupervisedTask, WeakTask
 
-SEGMENT_MODELS = [m for m in avel.available_models() if m != "cml"]
+SEGMENT_MODELS = [m for m in avel.available_models() if "segment_scores" in model_class(m).outputs]
 ATTENTION_MODELS = {"visual_att", "av_att", "dmrn"}
-SMALL = {"hidden": 16, "att_hidden": 16, "head_hidden": 16}
+# Small hyper-parameters where a model has them (a model missing here is tested at its defaults).
+SMALL = {"hidden": 16, "att_hidden": 16, "head_hidden": 16, "d_model": 16, "ff_dim": 32, "channel_hidden": 16,
+         "spatial_hidden": 16, "bottleneck": 8}
+
+
+def tasks_of(name: str) -> tuple[str, ...]:
+    return getattr(model_class(name), "tasks", ("supervised", "weak"))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,8 +56,13 @@ def test_output_contract(name, T):
     b = batch(B=2, T=T, Da=12, grid=(3, 3), Dv=8, C=5)
     with torch.no_grad():
         out = model(b["audio"], b["visual"])
-    assert out["logits"].shape == (2, T, 5)
-    assert torch.isfinite(out["logits"]).all()
+    assert tuple(out) == model_class(name).outputs or set(out) == set(model_class(name).outputs)
+    assert out["segment_scores"].shape == (2, T, 5)
+    assert torch.isfinite(out["segment_scores"]).all()
+    shapes = {"logits": (2, T, 5), "event_logits": (2, T), "class_logits": (2, 4), "video_logits": (2, 5)}
+    for key, shape in shapes.items():
+        if key in out:
+            assert out[key].shape == shape, key
     if name in ATTENTION_MODELS:
         assert "attention" in out
     if "attention" in out:
@@ -66,8 +77,8 @@ def test_segments_are_independent_of_batch_neighbours(name):
     model = build_model(name, **small_kwargs(name, audio_dim=12, visual_dim=8, grid=(3, 3), num_classes=5)).eval()
     b = batch(B=3, Da=12, Dv=8, C=5)
     with torch.no_grad():
-        full = model(b["audio"], b["visual"])["logits"]
-        one = model(b["audio"][1:2], b["visual"][1:2])["logits"]
+        full = model(b["audio"], b["visual"])["segment_scores"]
+        one = model(b["audio"][1:2], b["visual"][1:2])["segment_scores"]
     torch.testing.assert_close(full[1:2], one, rtol=1e-5, atol=1e-6)
 
 
@@ -76,6 +87,10 @@ def test_segments_are_independent_of_batch_neighbours(name):
                                   WeakTask(loss="softmax_mlsm"), WeakTask(loss="ce")],
                          ids=["sup-mlsm", "sup-ce", "weak-mlsm", "weak-ce"])
 def test_losses_finite_and_one_step_lowers_them(name, task):
+    if task.name not in tasks_of(name):
+        pytest.skip(f"{name} is a {'/'.join(tasks_of(name))} model")
+    if hasattr(model_class(name), "loss_terms") and task.loss != "ce":
+        pytest.skip("a model with its own loss terms ignores the task loss kind (tested once, with ce)")
     torch.manual_seed(1)
     model = build_model(name, **small_kwargs(name, audio_dim=12, visual_dim=8, grid=(3, 3), num_classes=5))
     b = batch(B=4, Da=12, Dv=8, C=5)
@@ -117,17 +132,15 @@ def test_build_model_rejects_unknown_kwargs(name):
 def test_non_default_dims(name, grid):
     dims = dict(audio_dim=64, visual_dim=1280, grid=grid, num_classes=7)
     model = build_model(name, **small_kwargs(name, **dims)).eval()
-    assert model.avel_spec["name"] == name
-    assert model.avel_spec["kwargs"]["grid"] == grid and model.avel_spec["kwargs"]["num_classes"] == 7
     b = batch(B=2, T=5, Da=64, grid=grid, Dv=1280, C=7)
     with torch.no_grad():
         out = model(b["audio"], b["visual"])
-    assert out["logits"].shape == (2, 5, 7)
+    assert out["segment_scores"].shape == (2, 5, 7)
     if "attention" in out:
         assert out["attention"].shape == (2, 5, *grid)
     # A list grid (as JSON gives it back) builds the same model.
     again = build_model(name, **small_kwargs(name, **{**dims, "grid": list(grid)}))
-    assert again.avel_spec["kwargs"]["grid"] == grid
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())
     # Wrong input dims fail loudly rather than silently.
     with pytest.raises(RuntimeError):
         model(torch.rand(2, 5, 128), b["visual"]) if name != "visual" else model(b["audio"], torch.rand(2, 5, *grid, 512))

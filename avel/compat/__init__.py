@@ -1,18 +1,15 @@
 """Readers for the official AVE release files: PyTorch checkpoints (no pickled code runs) and Keras CML weights."""
 from .keras import KerasWeightsError, load_keras_cml
-from .original import (
-    OriginalCheckpoint,
-    OriginalCheckpointError,
-    UnsafeCheckpointError,
-    load_original,
-    read_original,
-)
+from .limits import Limits, OriginalCheckpointError, UnsafeCheckpointError
+from .original import OriginalCheckpoint, kinds, load_original, read_original
 
 __all__ = [
     "KerasWeightsError",
+    "Limits",
     "OriginalCheckpoint",
     "OriginalCheckpointError",
     "UnsafeCheckpointError",
+    "kinds",
     "load_keras_cml",
     "load_original",
     "read_original",

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from ..data.errors import DataError
+from ..models import build_model
+from ..models.registry import complete_arguments
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def _decode(name) -> str:
 
 def _dense(root, layer: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     """(kernel [in, out], bias [out]) of one Dense layer."""
-    import h5py
+    import h5py     # optional dependency: only this reader needs it
 
     if layer not in root:
         raise KerasWeightsError(f"{source}: layer {layer!r} is missing")
@@ -58,9 +60,7 @@ def _dense(root, layer: str, source: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_keras_cml(path: str | Path) -> nn.Module:
     """Official Keras CML weights file -> avel ``cml`` model in eval mode."""
-    import h5py
-
-    from ..models import build_model
+    import h5py     # optional dependency: only this reader needs it
 
     path = Path(path)
     source = str(path)
@@ -88,17 +88,15 @@ def load_keras_cml(path: str | Path) -> nn.Module:
             f"{source}: layer {LAYERS['audio.2']!r} embeds to {dims('audio.2')[1]} dims but "
             f"{LAYERS['visual.2']!r} to {dims('visual.2')[1]}")
 
-    model = build_model(
-        "cml",
-        visual_dim=dims("visual.0")[0], visual_hidden=dims("visual.0")[1],
-        audio_dim=dims("audio.0")[0], audio_hidden=dims("audio.0")[1],
-        embed_dim=dims("visual.2")[1],
-    )
+    kwargs = dict(visual_dim=dims("visual.0")[0], visual_hidden=dims("visual.0")[1],
+                  audio_dim=dims("audio.0")[0], audio_hidden=dims("audio.0")[1], embed_dim=dims("visual.2")[1])
+    model = build_model("cml", **kwargs)
     state = {}
     for mod, (kernel, bias) in weights.items():
         state[f"{mod}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.T))
         state[f"{mod}.bias"] = torch.from_numpy(bias)
     model.load_state_dict(state, strict=True)
     model.eval()
+    model.avel_spec = {"name": "cml", "kwargs": complete_arguments("cml", kwargs)}
     log.info("%s: Keras %s CML weights loaded", source, version)
     return model

@@ -27,12 +27,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..features.spec import AVE_OFFICIAL, FeatureSpec
+from ..io import atomic_output, atomic_write
+from ..layout import H5_KEY, PACKED_DIR, SPEC_FILE
+from ..spec import AVE_OFFICIAL, FeatureSpec
 from .errors import DataError
 
-H5_KEY = "avadataset"
-SPEC_FILE = "features.json"
-PACKED_DIR = "packed"
+PACKED_META = "packed.json"
 
 
 class ArrayPool:
@@ -263,9 +263,7 @@ def read_spec(root: Path) -> FeatureSpec:
 
 
 def write_spec(root: Path, spec: FeatureSpec, **extra) -> None:
-    from ..engine.checkpoint import atomic_write_text
-
-    atomic_write_text(Path(root) / SPEC_FILE, json.dumps({"spec": spec.to_dict(), **extra}, indent=2))
+    atomic_write(Path(root) / SPEC_FILE, json.dumps({"spec": spec.to_dict(), **extra}, indent=2))
 
 
 def open_store(root: str | Path, *, layout: str = "auto", audio_file: str = "audio_feature.h5",
@@ -275,12 +273,12 @@ def open_store(root: str | Path, *, layout: str = "auto", audio_file: str = "aud
     packed = root / PACKED_DIR
     if layout not in {"auto", "h5", "packed"}:
         raise ValueError(f"layout must be auto, h5 or packed, not {layout!r}")
-    use_packed = layout == "packed" or (layout == "auto" and (packed / "packed.json").is_file()
+    use_packed = layout == "packed" or (layout == "auto" and (packed / PACKED_META).is_file()
                                         and audio_file == "audio_feature.h5")
     if use_packed:
-        if not (packed / "packed.json").is_file():
+        if not (packed / PACKED_META).is_file():
             raise DataError(f"{packed}: no packed layout here (run `avel data pack {root}`)")
-        meta = json.loads((packed / "packed.json").read_text())
+        meta = json.loads((packed / PACKED_META).read_text())
         audio, visual = NpyRows(packed / "audio.npy"), NpyRows(packed / "visual.npy")
         spec = FeatureSpec.from_dict(meta["spec"])
     else:
@@ -300,31 +298,28 @@ def open_store(root: str | Path, *, layout: str = "auto", audio_file: str = "aud
 
 def pack(root: str | Path, *, dtype: str = "float16", rows_per_chunk: int = 64, progress=None) -> Path:
     """Write the packed layout of ``root`` next to it; resumable (a finished pack is kept)."""
-    from ..engine.checkpoint import atomic_write_text
-
     root = Path(root)
     store = open_store(root, layout="h5")
     out = root / PACKED_DIR
     out.mkdir(exist_ok=True)
-    meta_path = out / "packed.json"
+    meta_path = out / PACKED_META
     if meta_path.is_file():
         return out
     np_dtype = np.dtype(dtype)
     for name, rows in (("audio", store.audio), ("visual", store.visual)):
-        tmp = out / f"{name}.npy.partial"
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=rows.shape)
-        for lo in range(0, len(rows), rows_per_chunk):
-            hi = min(lo + rows_per_chunk, len(rows))
-            block = rows.read(np.arange(lo, hi))
-            if np_dtype == np.float16 and np.abs(block).max(initial=0) > 65504:
-                raise DataError(f"{rows.path}: values exceed float16 range; pack with dtype float32")
-            arr[lo:hi] = block
-            if progress:
-                progress(name, hi, len(rows))
-        arr.flush()
-        del arr
-        os.replace(tmp, out / f"{name}.npy")
-    atomic_write_text(meta_path, json.dumps({
+        with atomic_output(out / f"{name}.npy") as tmp:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=rows.shape)
+            for lo in range(0, len(rows), rows_per_chunk):
+                hi = min(lo + rows_per_chunk, len(rows))
+                block = rows.read(np.arange(lo, hi))
+                if np_dtype == np.float16 and np.abs(block).max(initial=0) > 65504:
+                    raise DataError(f"{rows.path}: values exceed float16 range; pack with dtype float32")
+                arr[lo:hi] = block
+                if progress:
+                    progress(name, hi, len(rows))
+            arr.flush()
+            del arr
+    atomic_write(meta_path, json.dumps({
         "source": {"audio": store.audio.path.name, "visual": store.visual.path.name},
         "dtype": dtype, "rows": len(store), "spec": store.spec.to_dict(),
     }, indent=2))

@@ -19,11 +19,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from ..features.spec import FeatureSpec, StreamSpec
-from .store import H5_KEY, write_spec
+from .. import layout
+from ..io import atomic_write
+from ..layout import h5_writer, write_h5
+from ..spec import FeatureSpec, StreamSpec
+from .store import write_spec
 
 
 @dataclass(frozen=True)
@@ -105,38 +107,34 @@ def generate(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
     # Every class appears in the first rows so first-appearance order equals class order.
     video_class = np.concatenate([np.arange(cfg.classes), rng.integers(0, cfg.classes, N - cfg.classes)])
     lines, labels, closs = [], np.zeros((N, T, C), np.float32), np.zeros((N, T), np.float32)
-    with h5py.File(out / "audio_feature.h5.tmp", "w") as fa, h5py.File(out / "visual_feature.h5.tmp", "w") as fv, \
-            h5py.File(out / "visual_feature_vec.h5.tmp", "w") as fvec:
-        da = fa.create_dataset(H5_KEY, (N, T, cfg.audio_dim), np.float32)
-        dv = fv.create_dataset(H5_KEY, (N, T, *cfg.grid, cfg.visual_dim), np.float32)
-        dvec = fvec.create_dataset(H5_KEY, (N, T, cfg.visual_dim), np.float32)
+    paths = [out / name for name in layout.FEATURE_FILES]
+    shapes = [(N, T, cfg.audio_dim), (N, T, *cfg.grid, cfg.visual_dim), (N, T, cfg.visual_dim)]
+    with h5_writer(paths, shapes, row_chunks=False) as (da, dv, dvec):
         for i, c in enumerate(video_class):
             sound, obj, start, end = _segment_plan(rng, T, int(c), cfg.classes, False)
             audio, visual = _features(rng, (sound, obj), proto_a, proto_v, cfg)
-            da[i], dv[i], dvec[i] = audio, visual, visual.mean(axis=(1, 2))
+            da[i], dv[i], dvec[i] = audio, visual, layout.grid_mean(visual)
             lines.append(f"{names[c]}&synth{i:05d}&good&{start}&{end}")
             labels[i, :, cfg.classes] = 1
             labels[i, start:end] = 0
             labels[i, start:end, c] = 1
             closs[i, start:end] = 1
-    for name in ("audio_feature.h5", "visual_feature.h5", "visual_feature_vec.h5"):
-        (out / f"{name}.tmp").replace(out / name)
-    (out / "Annotations.txt").write_text("\n".join(lines) + "\n")
-    (out / "categories.txt").write_text("\n".join(names) + "\n")
-    _write(out / "labels.h5", labels)
+    atomic_write(out / layout.ANNOTATIONS, "\n".join(lines) + "\n")
+    atomic_write(out / layout.CATEGORIES, "\n".join(names) + "\n")
+    write_h5(out / layout.LABELS, labels)
     mil = np.zeros((N, C), np.float32)
     mil[np.arange(N), video_class] = 1
-    _write(out / "mil_labels.h5", mil)
-    _write(out / "labels_closs.h5", closs)
+    write_h5(out / layout.MIL_LABELS, mil)
+    write_h5(out / layout.CLOSS_LABELS, closs)
 
     perm = rng.permutation(N)
     n_train, n_val = int(cfg.splits[0] * N), int(cfg.splits[1] * N)
     parts = {"train": np.sort(perm[:n_train]), "val": np.sort(perm[n_train:n_train + n_val]),
              "test": np.sort(perm[n_train + n_val:])}
     for split, rows in parts.items():
-        _write(out / f"{split}_order.h5", rows.astype(np.int64), key="order")
-        _write(out / f"{split}_order_match.h5", rows.astype(np.int64), key="order")
-        (out / f"{split}Set.txt").write_text("".join(lines[r] + "\n" for r in rows))
+        write_h5(out / layout.order_file(split), rows.astype(np.int64), key=layout.ORDER_KEY)
+        write_h5(out / layout.order_file(split, match=True), rows.astype(np.int64), key=layout.ORDER_KEY)
+        atomic_write(out / layout.split_list(split), "".join(lines[r] + "\n" for r in rows))
 
     # Background-only videos for the weak setting: no second has both the sound and the object.
     B = cfg.background_videos
@@ -149,9 +147,9 @@ def generate(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
             bg_audio[b], bg_visual[b] = _features(rng, (sound, obj), proto_a, proto_v, cfg)
         bg_labels = np.zeros((B, C), np.float32)
         bg_labels[:, cfg.classes] = 1
-        _write(out / "audio_feature_noisy.h5", bg_audio)
-        _write(out / "visual_feature_noisy.h5", bg_visual)
-        _write(out / "labels_noisy.h5", bg_labels)
+        write_h5(out / layout.noisy(layout.AUDIO_FEATURES), bg_audio)
+        write_h5(out / layout.noisy(layout.VISUAL_FEATURES), bg_visual)
+        write_h5(out / layout.noisy(layout.LABELS), bg_labels)
 
     spec = FeatureSpec(
         audio=StreamSpec("synthetic", cfg.audio_dim, (), 1.0, 1, 0, "none", "synthetic"),
@@ -160,9 +158,3 @@ def generate(out: str | Path, config: SynthConfig = SynthConfig()) -> Path:
     write_spec(out, spec, rows=N, synth=json.loads(json.dumps(cfg.__dict__, default=list)))
     return out
 
-
-def _write(path: Path, array: np.ndarray, key: str = H5_KEY) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset(key, data=array)
-    tmp.replace(path)

@@ -1,121 +1,174 @@
-"""Checkpoints: ``model.safetensors`` + ``config.json`` in a folder, written atomically.
+"""Checkpoints: ``model.safetensors`` + ``config.json`` in a folder. No pickle anywhere.
 
-``config.json`` holds the model name and constructor arguments, class names, feature spec, avel
-version and training facts; :func:`load` rebuilds the model from that alone. No pickle anywhere.
+The model card (:class:`avel.card.ModelCard`) is written twice on purpose: inside the safetensors
+header (the copy :func:`load` trusts: weights and card are one file, renamed into place in one step,
+so a kill can never pair new weights with an old card) and as ``config.json`` (the copy people and
+older avel versions read). Loading checks the file before building anything big: the card must parse,
+the constructor arguments must be the model's, and every tensor's name and shape must match what the
+model would build (checked on the ``meta`` device, which allocates nothing).
+
+Resumable training state is one file too: ``last/state.safetensors`` holds the weights, optimizer
+moments and RNG state, and its header holds the epoch counter, schedule and history, so a resume
+never sees weights of one epoch with the counter of another.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..card import CardError, ModelCard
+from ..io import atomic_output, atomic_write
+from ..models.registry import build_model, model_arguments
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+STATE = "state.safetensors"
+_CARD_KEY = "avel_card"
+_STATE_KEY = "avel_state"
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class CheckpointError(ValueError):
+    """An avel checkpoint folder that cannot be read or does not fit its model; names the file."""
 
 
-def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class Loaded(NamedTuple):
+    model: nn.Module
+    card: ModelCard
 
 
-def save(folder: str | Path, model: nn.Module, **info) -> Path:
-    """Write ``model`` (built by ``build_model``) and ``info`` (JSON-serialisable) into ``folder``.
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomic safetensors write (CPU, contiguous copies)."""
+    with atomic_output(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
-    The weights are written first and the config last, so a folder with a config always has
-    matching weights; both writes are atomic.
-    """
-    from .. import __version__
 
-    spec = getattr(model, "avel_spec", None)
-    if spec is None:
-        raise ValueError("model was not built by avel.build_model: its name and arguments are unknown")
+def save(folder: str | Path, model: nn.Module, card: ModelCard) -> Path:
+    """Write ``model``'s weights with ``card`` into ``folder`` (each file atomic, weights first)."""
     folder = Path(folder)
-    atomic_save_tensors(folder / WEIGHTS, model.state_dict())
-    config = {"model": spec["name"], "model_kwargs": _jsonable(spec["kwargs"]), "avel_version": __version__, **info}
-    atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, default=_jsonable))
+    text = json.dumps(card.to_dict(), indent=2)
+    save_tensors(folder / WEIGHTS, model.state_dict(), metadata={_CARD_KEY: text})
+    atomic_write(folder / CONFIG, text + "\n")
     return folder
 
 
-def read_config(folder: str | Path) -> dict:
-    folder = Path(folder)
-    path = folder / CONFIG if folder.is_dir() else folder
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint config here (expected {CONFIG} + {WEIGHTS})")
-    return json.loads(path.read_text())
+def _folder(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_file() and path.name in (CONFIG, WEIGHTS):
+        path = path.parent
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no checkpoint folder here (expected {CONFIG} + {WEIGHTS})")
+    return path
 
 
-def load(folder: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model from ``config.json`` and load its weights; returns it in eval mode.
+def read_card(path: str | Path) -> ModelCard:
+    """The card of a checkpoint folder (from the weights file's header, else ``config.json``)."""
+    folder = _folder(path)
+    header = _header(folder / WEIGHTS) if (folder / WEIGHTS).is_file() else None
+    if header is not None and _CARD_KEY in header[0]:
+        return _parse_card(header[0][_CARD_KEY], folder / WEIGHTS)
+    config = folder / CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: no checkpoint config here (expected {CONFIG} + {WEIGHTS})")
+    try:
+        text = config.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config}: cannot be read ({e})") from None
+    return _parse_card(text, config)
 
-    The config is attached as ``model.avel_config`` (class names, feature spec, training facts).
-    """
-    from ..models import build_model
 
-    folder = Path(folder)
-    if folder.is_file():
-        folder = folder.parent
-    config = read_config(folder)
-    model = build_model(config["model"], **config.get("model_kwargs", {}))
+def _parse_card(text: str, where: Path) -> ModelCard:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: not JSON ({e})") from None
+    try:
+        return ModelCard.from_dict(raw, where=str(where))
+    except CardError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _header(path: Path) -> tuple[dict, dict[str, tuple[str, tuple[int, ...]]]]:
+    """(metadata, name -> (dtype, shape)) of a safetensors file, reading only its header."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {}
+            for k in f.keys():
+                s = f.get_slice(k)
+                shapes[k] = (s.get_dtype(), tuple(s.get_shape()))
+        return meta, shapes
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def build_from_card(card: ModelCard, *, device: str | torch.device = "cpu", where: str = "checkpoint") -> nn.Module:
+    """Build the card's model with its constructor arguments; bad names or values name the field."""
+    try:
+        allowed = model_arguments(card.model)
+    except KeyError as e:
+        raise CheckpointError(f"{where}: {e.args[0]}") from None
+    unknown = sorted(set(card.model_kwargs) - set(allowed))
+    if unknown:
+        raise CheckpointError(f"{where}: model_kwargs {unknown} are not arguments of {card.model!r} "
+                              f"(it takes {sorted(allowed)})")
+    for name, value in card.model_kwargs.items():
+        default = allowed[name]
+        if isinstance(default, bool) != isinstance(value, bool) or (
+                isinstance(default, (int, float)) and not isinstance(value, (int, float))):
+            raise CheckpointError(f"{where}: model_kwargs.{name} = {str(value)[:80]!r} has the wrong type "
+                                  f"(default {default!r})")
+    try:
+        with torch.device(device):
+            return build_model(card.model, **card.model_kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: cannot build {card.model!r} from its model_kwargs ({e})") from None
+
+
+def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> Loaded:
+    """Rebuild the model from its card and load its weights; returns ``(model, card)``, model in eval mode."""
+    folder = _folder(path)
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: checkpoint weights missing")
-    state = load_file(str(weights), device=str(map_location))
+    card = read_card(folder)
+    _, shapes = _header(weights)
+    # Compare names and shapes on the meta device first: a card asking for a huge model, or a file
+    # whose tensors do not fit, fails here without allocating anything.
+    skeleton = build_from_card(card, device="meta", where=str(folder / CONFIG))
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    del skeleton
+    problems = []
+    if missing := sorted(set(expected) - set(shapes)):
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if extra := sorted(set(shapes) - set(expected)):
+        problems.append(f"unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    bad = [f"{k} {list(shapes[k][1])} (model: {list(v)})" for k, v in expected.items()
+           if k in shapes and shapes[k][1] != v]
+    if bad:
+        problems.append(f"wrong shapes {bad[:5]}")
+    if problems:
+        raise CheckpointError(f"{weights}: does not fit model {card.model!r}: {'; '.join(problems)}")
+    model = build_from_card(card, where=str(folder / CONFIG))
+    try:
+        with safe_open(str(weights), framework="pt", device=str(map_location)) as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{weights}: cannot read the tensors ({type(e).__name__}: {e})") from None
     model.load_state_dict(state)
-    model.avel_config = config
-    return model.to(map_location).eval()
+    return Loaded(model.to(map_location).eval(), card)
 
 
-def _jsonable(value):
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if hasattr(value, "item"):
-        return value.item()
-    return value
-
-
-# --- resumable training state (no pickle: tensors in safetensors, structure in JSON) ------------
+# --- resumable training state (no pickle: tensors and JSON in one safetensors file) ----------------
 
 def save_training_state(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler, info: dict) -> None:
-    """Everything a killed run needs to continue exactly: weights, optimizer moments, schedule."""
-    folder = Path(folder)
+    """Everything a killed run needs to continue exactly, written as ONE file (one atomic rename)."""
     opt = optimizer.state_dict()
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     scalars: dict[str, dict] = {}
@@ -126,20 +179,26 @@ def save_training_state(folder: str | Path, *, model: nn.Module, optimizer: torc
             else:
                 scalars.setdefault(str(pid), {})[name] = value
     tensors["rng.torch"] = torch.get_rng_state()
-    atomic_save_tensors(folder / "state.safetensors", tensors)
     meta = {"param_groups": opt["param_groups"], "optim_scalars": scalars,
             "scheduler": scheduler.state_dict() if scheduler is not None else None, **info}
-    atomic_write_text(folder / "state.json", json.dumps(meta, indent=2, default=_jsonable))
+    save_tensors(Path(folder) / STATE, tensors, metadata={_STATE_KEY: json.dumps(meta, default=_plain)})
 
 
 def load_training_state(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler) -> dict | None:
     """Restore what :func:`save_training_state` wrote; returns its info dict (None if absent)."""
-    folder = Path(folder)
-    if not (folder / "state.json").is_file() or not (folder / "state.safetensors").is_file():
+    path = Path(folder) / STATE
+    if not path.is_file():
         return None
-    meta = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "state.safetensors"))
+    meta_raw, _ = _header(path)
+    if _STATE_KEY not in meta_raw:
+        raise CheckpointError(f"{path}: not an avel training state (no {_STATE_KEY!r} header)")
+    try:
+        meta = json.loads(meta_raw[_STATE_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed training state header ({e})") from None
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -154,3 +213,11 @@ def load_training_state(folder: str | Path, *, model: nn.Module, optimizer: torc
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     return meta
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

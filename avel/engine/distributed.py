@@ -13,6 +13,8 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # Where reduction tensors must live: NCCL reduces only CUDA tensors, gloo only CPU ones.
+    reduce_device: str = "cpu"
 
     @property
     def is_main(self) -> bool:
@@ -30,7 +32,8 @@ def init_from_env(device: str) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local)
+    backend = dist.get_backend()
+    return DistInfo(rank, world, local, f"cuda:{local}" if backend == "nccl" else "cpu")
 
 
 def barrier(info: DistInfo) -> None:
@@ -49,7 +52,7 @@ def broadcast_object(info: DistInfo, obj):
 def all_reduce_sum(info: DistInfo, value: float) -> float:
     if info.world <= 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=info.reduce_device)
     dist.all_reduce(t)
     return float(t.item())
 

@@ -21,8 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import RunConfig
 from ..data.datasets import AVEData, Batches, auto_prefetch
-from ..models import build_model
-from ..models.registry import model_class
+from ..card import ModelCard
+from ..io import FolderLock, atomic_write, remove_stale_temporaries
+from ..models.registry import build_model, complete_arguments, model_class
 from ..tasks import build_task, check_model
 from . import checkpoint
 from .distributed import all_reduce_sum, barrier, broadcast_object, init_from_env
@@ -46,14 +47,15 @@ def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
     params = list(params)
     if o.name in ("adam", "adamw"):
         cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        kw = dict(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
         # The fused kernel: one pass over every parameter instead of a dozen per-tensor ops
         # (A+V-att step on one CPU thread: +2% of the matmul rate). Same update up to float rounding.
         if _fusable(params):
             try:
-                return cls(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
+                return cls(params, **kw, fused=True)
             except (RuntimeError, TypeError, ValueError):
                 pass
-        return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+        return cls(params, **kw)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
     raise ValueError(f"unknown optimizer {o.name!r} (adam | adamw | sgd)")
@@ -64,18 +66,30 @@ def _fusable(params) -> bool:
     return bool(flat) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in flat)
 
 
-def make_schedule(optimizer, config: RunConfig, total_iters: int):
+def make_schedule(optimizer, config: RunConfig, total_iters: int, iters_per_epoch: int):
+    """The learning-rate factor per iteration: optional linear warm-up times the decay rule.
+
+    ``multistep`` milestones count epochs (the reference scripts step their scheduler once per
+    epoch); warm-up may be a fraction of the run, so one recipe fits any dataset size.
+    """
     o = config.optim
+    warm_iters = max(o.warmup_iters, round(o.warmup_fraction * total_iters))
+    milestones = sorted(o.milestones)
 
     def factor(it: int) -> float:
-        warm = min(1.0, (it + 1) / o.warmup_iters) if o.warmup_iters else 1.0
+        warm = min(1.0, (it + 1) / warm_iters) if warm_iters else 1.0
         if o.schedule == "step":
             return warm * o.gamma ** (it // o.step_every)
+        if o.schedule == "multistep":
+            epoch = it // max(1, iters_per_epoch)
+            return warm * o.gamma ** sum(epoch >= m for m in milestones)
         if o.schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / max(1, total_iters)))
+            # Decay over the iterations after warm-up, down to final_lr_fraction of the peak.
+            t = min(1.0, max(0, it + 1 - warm_iters) / max(1, total_iters - warm_iters))
+            return warm * (o.final_lr_fraction + (1 - o.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t)))
         if o.schedule == "constant":
             return warm
-        raise ValueError(f"unknown schedule {o.schedule!r} (step | cosine | constant)")
+        raise ValueError(f"unknown schedule {o.schedule!r} (step | multistep | cosine | constant)")
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -86,14 +100,54 @@ def _scalars(metrics: dict) -> dict:
 
 def train(config: RunConfig, out_dir: str | Path, *, resume: bool = False, device: str = "cpu",
           progress: bool = True, callbacks: list[Callable[[dict], None]] = ()) -> TrainResult:
-    """Train ``config.model`` on ``config.task``; returns the best-on-validation result."""
+    """Train ``config.model`` on ``config.task``; returns the best-on-validation result.
+
+    The run folder is locked while the run lives: a second ``train`` into it is refused.
+    """
+    config = config.validated()
+    device = check_device(device)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: --out is a file, not a run folder")
     try:
-        return _train(config, Path(out_dir), resume=resume, device=device, progress=progress, callbacks=callbacks)
+        with FolderLock(out_dir):
+            return _train(config, out_dir, resume=resume, device=device, progress=progress, callbacks=callbacks)
     finally:
         torch.set_num_threads(threads)  # the process's setting is the caller's, not the run's
+
+
+def check_device(device: str) -> str:
+    """A torch device string this machine has, or a ValueError saying why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: only cpu, cuda and mps are supported")
+    return str(dev)
+
+
+def model_arguments_for(config: RunConfig, data_dims: dict) -> dict:
+    """The model's constructor arguments: dimensions from the data, the rest from the config.
+
+    A config that sets a data dimension to another value than the data has is refused (the one place
+    ``visual_dim`` and friends are checked on their way from the arrays to the model).
+    """
+    def same(key, a, b) -> bool:
+        return tuple(a) == tuple(b) if key == "grid" else a == b
+
+    clash = {k: (v, data_dims[k]) for k, v in config.model_kwargs.items() if k in data_dims and not same(k, v, data_dims[k])}
+    if clash:
+        detail = "; ".join(f"{k}={a!r} but the data has {b!r}" for k, (a, b) in clash.items())
+        raise ValueError(f"model_kwargs contradict the data: {detail} (drop them: dimensions come from the data)")
+    return complete_arguments(config.model, {**config.model_kwargs, **data_dims})
 
 
 def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progress: bool,
@@ -107,21 +161,26 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
     train_src = task.train_source(data, config)
     val_src = task.eval_source(data, config.data.val_split)
     check_model(task, model_class(config.model))
-    model = build_model(config.model, **{**task.model_dims(data), **config.model_kwargs}).to(device)
+    kwargs = model_arguments_for(config, task.model_dims(data))
+    model = build_model(config.model, **kwargs).to(device)
     net = DistributedDataParallel(model) if dist.world > 1 else model
     optimizer = make_optimizer(model.parameters(), config)
     if min(config.batch_size, len(train_src)) < dist.world:
         raise ValueError(f"batch size {config.batch_size} ({len(train_src)} training rows) is smaller than the "
                          f"{dist.world} processes: every process needs rows of every full batch")
     loader = Batches(train_src, config.batch_size, shuffle=config.shuffle, seed=config.seed,
+                     drop_last=config.drop_last and len(train_src) >= config.batch_size,
                      rank=dist.rank, world=dist.world, pin_memory=str(device).startswith("cuda"),
                      prefetch=auto_prefetch(device))
     iters_per_epoch = len(loader)
-    scheduler = make_schedule(optimizer, config, config.epochs * iters_per_epoch)
+    scheduler = make_schedule(optimizer, config, config.epochs * iters_per_epoch, iters_per_epoch)
 
     history: list[dict] = []
     start_epoch, best_score, best_epoch, best_metrics = 0, -math.inf, -1, {}
     last = out_dir / "last"
+    if dist.is_main:
+        remove_stale_temporaries(out_dir)         # what a killed writer left (we hold the folder lock)
+        remove_stale_temporaries(last)
     if resume:
         meta = checkpoint.load_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler)
         if meta is None:
@@ -136,20 +195,22 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
                      task.selection_key, best_score, best_epoch)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_text(out_dir / "run.yaml", config.to_yaml())
+        atomic_write(out_dir / "run.yaml", config.to_yaml())
         # metrics.jsonl restarts from the resumed history (empty for a fresh run): no lines of an
         # earlier run in the same folder, no duplicate of an epoch logged just before a kill.
-        checkpoint.atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
-    facts = {"task": config.task, "class_names": data.class_names, "feature_spec": data.store.spec.to_dict(),
-             "segments": data.segments, "selection": task.selection_key, "run_config": config.to_dict()}
+    card = ModelCard(model=config.model, model_kwargs=kwargs, task=config.task, class_names=tuple(data.class_names),
+                     feature_spec=data.store.spec, outputs=model_class(config.model).outputs,
+                     run_config=config.to_dict())
     bar = _progress(range(start_epoch, config.epochs), progress and dist.is_main, config)
     placeholder = None
     for epoch in bar:
         t0 = time.perf_counter()
         loader.set_epoch(epoch)
         net.train()
-        losses, count = [], 0
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
         for batch, global_size in loader:
             if batch:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -160,7 +221,8 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
                 # A short last batch left this rank no rows; it must still join DDP's gradient
                 # all-reduce: a forward on one row it already saw, with zero weight.
                 batch, weight = placeholder, 0.0
-            per_video = task.losses(net, batch)                          # [b]
+            terms = task.loss_terms(net, batch)                           # name -> [b], weighted
+            per_video = sum(terms.values())                               # [b]
             # Sum over this rank's videos / global batch size, times world because DDP averages
             # gradients over ranks: every world size gives the one-process gradient exactly.
             loss = per_video.sum() * weight
@@ -171,11 +233,18 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
             optimizer.step()
             scheduler.step()
             if weight:
-                losses.append(per_video.detach().sum())                 # no device sync per step
+                for name, term in (("train_loss", per_video), *terms.items()):
+                    part = term.detach().double().sum()                   # no device sync per step
+                    sums[name] = sums[name] + part if name in sums else part
                 count += len(per_video)
-        loss_sum = float(torch.stack(losses).double().sum()) if losses else 0.0
-        record = {"epoch": epoch + 1, "train_loss": all_reduce_sum(dist, loss_sum) / max(1, all_reduce_sum(dist, count)),
-                  "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(time.perf_counter() - t0, 3)}
+        total = all_reduce_sum(dist, float(count))
+        means = {name: all_reduce_sum(dist, float(v)) / max(1.0, total) for name, v in sums.items()}
+        record = {"epoch": epoch + 1, "train_loss": means.pop("train_loss", 0.0),
+                  "loss_terms": means, "lr": optimizer.param_groups[0]["lr"],
+                  "train_seconds": round(time.perf_counter() - t0, 3)}
+        if not math.isfinite(record["train_loss"]):
+            raise ValueError(f"training diverged at epoch {epoch + 1}: the loss is {record['train_loss']} "
+                             "(check the features for NaN/Inf with `avel data check`, or lower optim.lr)")
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             improved = False
             if dist.is_main:
@@ -186,8 +255,10 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
                 record["val_seconds"] = round(time.perf_counter() - t1, 3)
                 if score >= best_score:  # on ties keep the later, longer-trained weights
                     best_score, best_epoch, best_metrics, improved = score, epoch + 1, _scalars(val), True
-                    checkpoint.save(out_dir, model, **facts, epoch=epoch + 1,
-                                    val_metrics=best_metrics, selection_score=score)
+                    checkpoint.save(out_dir, model, card.replace(training={
+                        "epoch": epoch + 1, "selection": task.selection_key, "selection_score": score,
+                        "selection_split": config.data.val_split, "val_metrics": best_metrics,
+                        "segments": data.segments}))
             record["improved"] = broadcast_object(dist, improved)
         history.append(record)
         if dist.is_main:
@@ -219,16 +290,13 @@ def train_seeds(config: RunConfig, out_dir: str | Path, seeds: list[int], *, dev
 
     Selection is on validation inside each run; the test split is only *reported* here.
     """
-    from .. import load
-    from ..data.datasets import AVEData as _Data
-
     out_dir = Path(out_dir)
     per_seed = {}
     for seed in seeds:
         run = train(replace(config, seed=seed), out_dir / f"seed-{seed}", device=device, progress=progress,
                     resume=resume)
-        model = load(run.out_dir, map_location=device)
-        data = _Data.open(config.data.root, layout=config.data.layout)
+        model, _ = checkpoint.load(run.out_dir, map_location=device)
+        data = AVEData.open(config.data.root, layout=config.data.layout)
         task = build_task(config)
         per_seed[seed] = {s: _scalars(evaluate(model, task, task.eval_source(data, s), data.class_names,
                                                device=device)[0]) for s in report_splits}
@@ -238,5 +306,5 @@ def train_seeds(config: RunConfig, out_dir: str | Path, seeds: list[int], *, dev
         vals = {k: np.array([per_seed[s][split][k] for s in seeds], dtype=float) for k in keys}
         summary["mean"][split] = {k: float(v.mean()) for k, v in vals.items()}
         summary["std"][split] = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in vals.items()}
-    checkpoint.atomic_write_text(out_dir / "seeds.json", json.dumps(summary, indent=2))
+    atomic_write(out_dir / "seeds.json", json.dumps(summary, indent=2))
     return summary

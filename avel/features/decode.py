@@ -404,10 +404,3 @@ def _stream(container, path, fps, seconds, sample_rate, size, want_video, want_a
             yield s, np.zeros((fps, h, w, 3), np.uint8), np.full(fps, np.nan)
     else:
         yield from emit(T)
-
-
-def decode_audio(path: str | Path, *, seconds: int | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE) -> DecodedVideo:
-    """Only the waveform of ``path`` (any audio or video file); ``frames`` is an empty array."""
-    d = decode_video(path, seconds=seconds, sample_rate=sample_rate, video=False, size=(2, 2))
-    d.frames = d.frames[:0]
-    return d

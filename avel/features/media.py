@@ -1,6 +1,6 @@
 """Write small media clips with PyAV: H.264 (yuv420p) video and AAC audio, constant or variable frame rate.
 
-Used by the tests (real, decodable mp4 files built in a temporary folder) and by the demo. The container
+Used by the demo, the attention overlay video and the tests (real, decodable mp4 files). The container
 is chosen from the file extension (``.mp4``, ``.mkv``, ``.mov``, ``.m4a``...).
 
 Example::
@@ -133,18 +133,3 @@ def write_clip(path: str | Path, frames: np.ndarray | None, fps: float = 16, aud
             for packet in astream.encode(None):
                 container.mux(packet)
     return path
-
-
-def color_frames(colors: Sequence[Sequence[int]], frames_per_color: int, size: tuple[int, int] = (32, 32)) -> np.ndarray:
-    """Solid-colour frames: ``frames_per_color`` frames of each RGB colour in turn -> uint8 [N, H, W, 3]."""
-    h, w = size
-    out = np.empty((len(colors) * frames_per_color, h, w, 3), dtype=np.uint8)
-    for i, c in enumerate(colors):
-        out[i * frames_per_color:(i + 1) * frames_per_color] = np.asarray(c, dtype=np.uint8)
-    return out
-
-
-def tone(seconds: float, freq: float = 440.0, sample_rate: int = 16000, amplitude: float = 0.3) -> np.ndarray:
-    """A sine tone, float32 [seconds * sample_rate]."""
-    t = np.arange(int(round(seconds * sample_rate))) / sample_rate
-    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)

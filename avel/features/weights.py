@@ -1,4 +1,4 @@
-"""Where pretrained weights come from, and seeded reference weights for tests.
+"""Where pretrained weights come from.
 
 Resolution order for a known weights file (:func:`resolve_weights`):
 
@@ -15,17 +15,17 @@ download URL. Untrained networks are only ever built when ``weights='random'`` i
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors.torch import load_file
+
+from ..io import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +91,8 @@ def _not_found(model: ModelWeights, reason: str) -> WeightsNotFoundError:
 def download(url: str, dest: Path, *, timeout: float = 15.0) -> Path:
     """Download ``url`` to ``dest`` atomically (temporary file in the same folder, then rename)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out, length=1 << 20)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(dest) as tmp, open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        shutil.copyfileobj(resp, out, length=1 << 20)
     log.info("downloaded %s -> %s", url, dest)
     return dest
 
@@ -140,7 +133,6 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A tensor dict from a .pth/.pt (``torch.load(weights_only=True)``) or .safetensors file."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         return load_file(str(path))
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -158,30 +150,3 @@ def tag_for(path: str | os.PathLike) -> str | None:
             if f.filename == name:
                 return f.tag
     return None
-
-
-def generate_reference_weights(spec: dict | str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Regenerate the seeded (not pretrained) weights described by a fixture ``weights_spec.json``.
-
-    One ``numpy.random.default_rng(seed_base + seed)`` is consumed in key order; each tensor is
-    ``standard_normal(shape) * scale`` in float64 cast to float32, with scale ``sqrt(2 / prod(shape[1:]))``
-    for ``.weight`` keys and 0.01 for ``.bias`` keys. Accepts the VGGish (``keys``) and VGG19
-    (``features_keys``) spec layouts.
-    """
-    if not isinstance(spec, dict):
-        spec = json.loads(Path(spec).read_text())
-    keys = spec.get("keys") or spec.get("features_keys")
-    if not keys:
-        raise ValueError("weights spec has neither 'keys' nor 'features_keys'")
-    rng = np.random.default_rng(int(spec["seed_base"]) + int(spec["seed"]))
-    out: dict[str, torch.Tensor] = {}
-    for name, shape in keys:
-        shape = tuple(int(s) for s in shape)
-        if name.endswith(".weight"):
-            scale = np.sqrt(2.0 / float(np.prod(shape[1:])))
-        elif name.endswith(".bias"):
-            scale = 0.01
-        else:
-            raise ValueError(f"unexpected key {name!r} in weights spec")
-        out[name] = torch.from_numpy((rng.standard_normal(shape) * scale).astype(np.float32))
-    return out

@@ -10,11 +10,14 @@ import torch.nn as nn
 
 from .attention import AudioGuidedAttention
 from .blocks import SegmentHead, bilstm, encode
+from .heads import CLASSIFIER_OUTPUTS, scored
 from .registry import register_model
 
 
 @register_model("av_att")
 class AVAtt(nn.Module):
+    outputs = CLASSIFIER_OUTPUTS + ("attention",)
+
     def __init__(
         self,
         *,
@@ -39,4 +42,4 @@ class AVAtt(nn.Module):
         h_a = encode(self.lstm_audio, audio)                            # [B, T, 2h]
         h_v = encode(self.lstm_video, attended)                         # [B, T, 2h]
         logits = self.head(torch.cat([h_a, h_v], dim=-1))               # [B, T, C]
-        return {"logits": logits, "attention": alpha}
+        return scored(logits, attention=alpha)

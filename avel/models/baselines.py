@@ -13,11 +13,14 @@ import torch.nn as nn
 
 from .attention import AudioGuidedAttention
 from .blocks import SegmentHead, bilstm, encode, grid_mean
+from .heads import CLASSIFIER_OUTPUTS, scored
 from .registry import register_model
 
 
 @register_model("audio")
 class AudioOnly(nn.Module):
+    outputs = CLASSIFIER_OUTPUTS
+
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
                  num_classes: int = 29, hidden: int = 128, head_hidden: int = 64):
         super().__init__()
@@ -25,11 +28,13 @@ class AudioOnly(nn.Module):
         self.head = SegmentHead(in_dim=2 * hidden, head_hidden=head_hidden, num_classes=num_classes)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.head(encode(self.lstm_audio, audio))}   # [B, T, C]
+        return scored(self.head(encode(self.lstm_audio, audio)))              # [B, T, C]
 
 
 @register_model("visual")
 class VisualOnly(nn.Module):
+    outputs = CLASSIFIER_OUTPUTS
+
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
                  num_classes: int = 29, hidden: int = 128, head_hidden: int = 64):
         super().__init__()
@@ -37,11 +42,13 @@ class VisualOnly(nn.Module):
         self.head = SegmentHead(in_dim=2 * hidden, head_hidden=head_hidden, num_classes=num_classes)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.head(encode(self.lstm_video, grid_mean(visual)))}
+        return scored(self.head(encode(self.lstm_video, grid_mean(visual))))
 
 
 @register_model("visual_att")
 class VisualAtt(nn.Module):
+    outputs = CLASSIFIER_OUTPUTS + ("attention",)
+
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
                  num_classes: int = 29, hidden: int = 128, att_hidden: int = 512, head_hidden: int = 64):
         super().__init__()
@@ -53,11 +60,13 @@ class VisualAtt(nn.Module):
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         attended, alpha = self.attention(audio, visual)                 # [B, T, Dv], [B, T, H, W]
-        return {"logits": self.head(encode(self.lstm_video, attended)), "attention": alpha}
+        return scored(self.head(encode(self.lstm_video, attended)), attention=alpha)
 
 
 @register_model("av")
 class AudioVisual(nn.Module):
+    outputs = CLASSIFIER_OUTPUTS
+
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
                  num_classes: int = 29, hidden: int = 128, head_hidden: int = 64):
         super().__init__()
@@ -68,4 +77,4 @@ class AudioVisual(nn.Module):
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         h_a = encode(self.lstm_audio, audio)                            # [B, T, 2h]
         h_v = encode(self.lstm_video, grid_mean(visual))                # [B, T, 2h]
-        return {"logits": self.head(torch.cat([h_a, h_v], dim=-1))}
+        return scored(self.head(torch.cat([h_a, h_v], dim=-1)))

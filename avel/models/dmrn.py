@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from .attention import AudioGuidedAttention
 from .blocks import bilstm, encode
+from .heads import CLASSIFIER_OUTPUTS, scored
 from .registry import register_model
 
 
@@ -20,6 +21,8 @@ def _transform(dim: int) -> nn.Sequential:
 
 @register_model("dmrn")
 class DMRN(nn.Module):
+    outputs = CLASSIFIER_OUTPUTS + ("attention",)
+
     def __init__(
         self,
         *,
@@ -55,4 +58,4 @@ class DMRN(nn.Module):
         h_a = encode(self.lstm_audio, audio)                            # [B, T, 2h]
         h_v = encode(self.lstm_video, attended)                         # [B, T, 2h]
         logits = self.L2(self.fuse(h_a, h_v))                           # [B, T, C]
-        return {"logits": logits, "attention": alpha}
+        return scored(logits, attention=alpha)

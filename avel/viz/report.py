@@ -22,6 +22,7 @@ import numpy as np
 
 from .attention import PALETTE, _fit, class_colour, overlays
 from .png import encode_png
+from ..io import atomic_write
 
 TILE_SIDE = 176      # attention tiles are scaled down to this longer side in the report
 
@@ -380,10 +381,9 @@ def write_report(path: str | Path, entries: Sequence[ReportEntry], *, facts: dic
                  title: str = "avel localization report", summary: dict | None = None,
                  failures: Sequence[dict] = ()) -> Path:
     """Write the report to ``path`` (atomically) and return it."""
-    from ..engine.checkpoint import atomic_write_text
 
     path = Path(path)
-    atomic_write_text(path, render_report(entries, facts=facts, title=title, summary=summary, failures=failures))
+    atomic_write(path, render_report(entries, facts=facts, title=title, summary=summary, failures=failures))
     return path
 
 

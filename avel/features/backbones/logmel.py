@@ -17,9 +17,9 @@ import logging
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .backbones import register_audio
-from .resample import resample
-from .spec import StreamSpec
+from ...spec import StreamSpec
+from ..registry import register_audio
+from ..resample import resample
 
 log = logging.getLogger(__name__)
 

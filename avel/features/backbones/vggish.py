@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import register_audio
+from ...spec import StreamSpec
+from ..registry import register_audio
+from ..weights import load_state_file, resolve_weights, tag_for
 from .logmel import SAMPLE_RATE, segment_examples
-from .spec import StreamSpec
 from .vgg import vgg_stack
-from .weights import load_state_file, resolve_weights, tag_for
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,15 @@ import logging
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import register_visual
-from .spec import StreamSpec
-from .weights import VGG19_KERAS, VGG19_TORCHVISION, load_state_file, resolve_weights
+from ...spec import StreamSpec
+from ..registry import register_visual
+from ..weights import VGG19_KERAS, VGG19_TORCHVISION, load_state_file, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,6 @@ def _h5_find_layer(f, name: str):
 
 
 def _h5_kernel_bias(group) -> tuple[np.ndarray, np.ndarray]:
-    import h5py
-
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
     if names:
         arrays = [np.asarray(group[n]) for n in names]
@@ -100,8 +99,6 @@ def _h5_kernel_bias(group) -> tuple[np.ndarray, np.ndarray]:
 
 def read_keras_vgg19(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Keras VGG19 HDF5 weights -> torchvision-named ``features.*`` state dict."""
-    import h5py
-
     out: dict[str, torch.Tensor] = {}
     with h5py.File(path, "r") as f:
         for prefix, name in zip(VGG19().conv_keys(), KERAS_CONV_NAMES):

