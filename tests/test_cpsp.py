@@ -343,18 +343,27 @@ def test_trains_and_contract(name, task):
     assert out["segment_scores"].shape == (8, 4, 5) and out["attention"].shape == (8, 4, 2, 3)
     one = model(batch["audio"][:1], batch["visual"][:1])            # B = 1 keeps its batch axis
     assert one["event_logits"].shape == (1, 4) and one["class_logits"].shape == (1, 4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        out = model(batch["audio"], batch["visual"])
-        terms = model.loss_terms(out, batch, task)
+
+    def total():
+        terms = model.loss_terms(model(batch["audio"], batch["visual"]), batch, task)
         assert all(t.shape == (8,) for t in terms.values())
-        total = sum(model.loss_weights[k] * t.mean() for k, t in terms.items())
+        return sum(model.loss_weights[k] * t.mean() for k, t in terms.items())
+
+    # Dropout makes the training-mode loss noisy (and the AVPS term jumps where a cosine crosses 0):
+    # compare the eval-mode loss before and after a few training steps.
+    model.eval()
+    with torch.no_grad():
+        start = total().item()
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        loss = total()
         opt.zero_grad()
-        total.backward()
+        loss.backward()
         opt.step()
-        losses.append(total.item())
-    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        assert total().item() < start
 
 
 @pytest.mark.parametrize("cls,variant", [(cpsp.CPSP, "cpsp"), (cpsp.CPSPWeak, "cpsp_weak")])

@@ -16,7 +16,8 @@ from avel.cli import main
 from avel.config import apply_overrides
 from avel.data.datasets import AVEData, Batches, ConcatRows, SegmentRows
 from avel.data.errors import DataError
-from avel.engine.checkpoint import read_config
+from avel.engine.checkpoint import read_card
+from avel.models.heads import scored
 from avel.engine.evaluate import evaluate
 from avel.engine.train import train
 from avel.models import build_model
@@ -39,7 +40,7 @@ class Fixed(torch.nn.Module):
         self.logits = torch.nn.Parameter(logits.clone())
 
     def forward(self, audio, visual):
-        return {"logits": self.logits}
+        return scored(self.logits)
 
 
 def _batch(B=3, T=4, C=5, seed=0):
@@ -244,11 +245,12 @@ def test_selection_default_and_segment_recorded(root, tmp_path):
               "--batch-size", "32", "--no-progress", "--set", "model_kwargs.hidden=8",
               "--set", "model_kwargs.head_hidden=8", "--set", "threads=1"]
     assert main(common + ["--out", str(tmp_path / "default")]) == 0
-    cfg = read_config(tmp_path / "default")
-    assert cfg["task"] == "weak" and cfg["selection"] == "video_accuracy"
+    card = read_card(tmp_path / "default")
+    cfg = card.training
+    assert card.task == "weak" and cfg["selection"] == "video_accuracy"
     assert "video_accuracy" in cfg["val_metrics"] and cfg["selection_score"] == cfg["val_metrics"]["video_accuracy"]
     assert main(common + ["--out", str(tmp_path / "segment"), "--selection", "segment"]) == 0
-    cfg = read_config(tmp_path / "segment")
+    cfg = read_card(tmp_path / "segment").training
     assert cfg["selection"] == "accuracy" and cfg["selection_score"] == cfg["val_metrics"]["accuracy"]
     with pytest.raises(ValueError):
         build_task(apply_overrides(quick_config(root, task="weak"), ["selection=best"]))
@@ -264,7 +266,7 @@ def test_short_weak_run_beats_majority_class(tmp_path):
     assert result.selection_key == "video_accuracy"
     data = AVEData.open(root)
     task = build_task(cfg)
-    test, out = evaluate(load(tmp_path / "run"), task, task.eval_source(data, "test"), data.class_names)
+    test, out = evaluate(load(tmp_path / "run").model, task, task.eval_source(data, "test"), data.class_names)
     truth = data.targets[data.split("test")].argmax(-1)
     majority = np.bincount(truth.ravel()).max() / truth.size
     print(f"weak run: test segment accuracy {test['accuracy']:.3f}, majority-class rate {majority:.3f}, "

@@ -56,6 +56,9 @@ class StorageType(_Frozen):
     def __init__(self, name: str, dtype: torch.dtype):
         self._init(name=name, dtype=dtype)
 
+    def __repr__(self) -> str:
+        return self.name
+
 
 class Storage(_Frozen):
     """A storage named in a persistent id; its bytes are read after unpickling."""

@@ -6,6 +6,9 @@ a category is the order of its first appearance; background is the last index (2
 """
 from __future__ import annotations
 
+import functools
+from importlib.resources import files
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +121,24 @@ def parse_annotations(path: str | Path, categories: list[str] | None = None) -> 
 
 def read_categories(path: str | Path) -> list[str]:
     return [line.strip() for line in read_lines(Path(path)) if line.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def ave_categories() -> tuple[str, ...]:
+    """The 28 AVE categories in the official class order (= categories.txt of the release)."""
+    text = files("avel").joinpath("resources/ave_categories.txt").read_text()
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def class_order(root: str | Path, seen: list[str]) -> list[str] | None:
+    """The class list of a data folder: its ``categories.txt``, else the AVE order when every category
+    is an AVE one (so a subset of the release keeps the official indices), else None (first appearance)."""
+    path = Path(root) / "categories.txt"
+    if path.is_file():
+        return read_categories(path)
+    if seen and set(seen) <= set(ave_categories()):
+        return list(ave_categories())
+    return None
 
 
 def segment_labels(annotations: AnnotationSet, segments: int = 10) -> np.ndarray:

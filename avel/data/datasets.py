@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .annotations import AnnotationSet, parse_annotations, segment_labels
+from .annotations import AnnotationSet, class_order, parse_annotations, segment_labels
 from .errors import DataError
 from .store import FeatureStore, H5Rows, open_store, read_small_h5
 
@@ -37,7 +37,11 @@ class AVEData:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: data folder not found")
-        ann = parse_annotations(_find(root, "Annotations.txt"))
+        path = _find(root, "Annotations.txt")
+        ann = parse_annotations(path)
+        order = class_order(root, list(ann.categories))
+        if order is not None and list(order) != list(ann.categories):
+            ann = parse_annotations(path, order)   # fixed class indices: a subset keeps the release's
         store = open_store(root, layout=layout)
         if len(store) != len(ann):
             raise DataError(f"{store.audio.path}: {len(store)} rows, but {ann.path} has {len(ann)} annotation rows")

@@ -18,6 +18,7 @@ once nothing references it any more (the training step that used it has dropped 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..io import atomic_output, atomic_write
 from ..layout import H5_KEY, PACKED_DIR, SPEC_FILE
-from ..spec import AVE_OFFICIAL, FeatureSpec
+from ..spec import AVE_OFFICIAL, FeatureSpec, StreamSpec
 from .errors import DataError
 
 PACKED_META = "packed.json"
@@ -102,12 +103,16 @@ class H5Rows(_ProcessLocal):
         try:
             with h5py.File(self.path, "r") as f:
                 if key not in f:
-                    raise DataError(f"{self.path}: no dataset {key!r} (has: {', '.join(f.keys()) or 'nothing'})")
+                    names = ", ".join(list(f.keys())[:10]) or "nothing"
+                    raise DataError(f"{self.path}: no dataset {key!r} (has: {names[:200]})")
                 ds = f[key]
+                if not isinstance(ds, h5py.Dataset):
+                    raise DataError(f"{self.path}: {key!r} is a {type(ds).__name__.lower()}, not a dataset")
                 self.shape = tuple(ds.shape)
                 self.dtype = ds.dtype
         except OSError as e:
             raise DataError(f"{self.path}: not a readable HDF5 file ({e})") from None
+        _check_array(self.path, key, self.shape, self.dtype)
         self._file = None
         self._pid = None
         self._pool = ArrayPool()
@@ -293,7 +298,31 @@ def open_store(root: str | Path, *, layout: str = "auto", audio_file: str = "aud
     if audio.shape[1] != visual.shape[1]:
         raise DataError(f"{root}: {audio.path.name} has {audio.shape[1]} segments per row, "
                         f"{visual.path.name} has {visual.shape[1]}")
+    problems = spec_problems(spec, audio.shape, visual.shape, audio_name=audio.path.name,
+                             visual_name=visual.path.name)
+    if problems and not use_packed and not (root / SPEC_FILE).is_file():
+        # No features.json: the official release is assumed, and arrays of other sizes are features of
+        # unknown make; their spec records the dims, so checkpoints still refuse mismatched ones.
+        grid = tuple(visual.shape[2:4]) if len(visual.shape) == 5 else ()
+        spec = FeatureSpec(StreamSpec("unknown", audio.shape[-1]), StreamSpec("unknown", visual.shape[-1], grid))
+        problems = []
+    if problems:
+        raise DataError(f"{root}: the feature spec does not describe the arrays: {'; '.join(problems)}")
     return FeatureStore(root, audio, visual, spec, "packed" if use_packed else "h5")
+
+
+def spec_problems(spec: FeatureSpec, audio_shape: tuple, visual_shape: tuple, *,
+                  audio_name: str = "audio", visual_name: str = "visual") -> list[str]:
+    """Where a store's recorded spec disagrees with its arrays (dims, grid)."""
+    problems = []
+    if spec.audio.dim != audio_shape[-1]:
+        problems.append(f"{audio_name} rows are {audio_shape[-1]}-d, the spec says {spec.audio.dim}")
+    if spec.visual.dim != visual_shape[-1]:
+        problems.append(f"{visual_name} rows are {visual_shape[-1]}-d, the spec says {spec.visual.dim}")
+    grid = tuple(visual_shape[2:4]) if len(visual_shape) == 5 else ()
+    if spec.visual.grid and grid and tuple(spec.visual.grid) != grid:
+        problems.append(f"{visual_name} grid is {list(grid)}, the spec says {list(spec.visual.grid)}")
+    return problems
 
 
 def pack(root: str | Path, *, dtype: str = "float16", rows_per_chunk: int = 64, progress=None) -> Path:
@@ -327,9 +356,34 @@ def pack(root: str | Path, *, dtype: str = "float16", rows_per_chunk: int = 64, 
 
 
 def read_small_h5(path: str | Path, key: str = H5_KEY) -> np.ndarray:
-    """A small h5 dataset (labels, split orders) read whole."""
+    """A small h5 dataset (labels, split orders) read whole; integer-valued where it holds indices."""
     rows = H5Rows(path, key)
+    if math.prod(rows.shape) > SMALL_FILE_ELEMENTS:
+        raise DataError(f"{rows.path}: {key!r} declares {math.prod(rows.shape):,} elements; a label or split "
+                        f"file has at most {SMALL_FILE_ELEMENTS:,}")
     try:
-        return rows.read_all()
+        values = rows.read_all()
     finally:
         rows.close()
+    if key == "order" and values.dtype.kind == "f":
+        if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+            raise DataError(f"{rows.path}: 'order' holds non-integer row indices")
+    return values
+
+
+# What an AVE-like file can hold: enough for any real dataset, far below what a crafted header can
+# declare (a 10 KB file can declare terabytes). Checked before anything is read or allocated.
+MAX_ROWS = 10_000_000
+MAX_ROW_ELEMENTS = 1 << 24          # one AVE visual row is 10 x 7 x 7 x 512 = 250,880
+SMALL_FILE_ELEMENTS = 1 << 26       # labels.h5 of the release: 4,143 x 10 x 29 = 1.2 M
+
+
+def _check_array(path: Path, key: str, shape: tuple, dtype) -> None:
+    """Refuse arrays no AVE reader can use: scalars, strings, complex numbers, absurd sizes."""
+    if len(shape) == 0:
+        raise DataError(f"{path}: {key!r} is a scalar, not an array of rows")
+    if np.dtype(dtype).kind not in "fiub":
+        raise DataError(f"{path}: {key!r} has dtype {dtype} (numbers expected: float or integer)")
+    if shape[0] > MAX_ROWS or math.prod(shape[1:]) > MAX_ROW_ELEMENTS:
+        raise DataError(f"{path}: {key!r} declares shape {list(shape)[:8]}, beyond what avel reads "
+                        f"({MAX_ROWS:,} rows of at most {MAX_ROW_ELEMENTS:,} values)")

@@ -208,6 +208,7 @@ class CPSP(_CPSPBase):
     """
 
     outputs = ("event_logits", "class_logits", "segment_scores", "avps", "fusion", "attention")
+    tasks = ("supervised",)
     # run_fully_supv.sh:36-41 (lambda_avps 100, lambda_scon 0.01, lambda_vcon 1).
     loss_weights = {"is_event": 1.0, "event_class": 1.0, "avps": 100.0, "scon": 0.01, "vcon": 1.0}
 
@@ -262,6 +263,7 @@ class CPSPWeak(_CPSPBase):
 
     outputs = ("event_logits", "class_logits", "segment_scores", "pooled_logits", "video_prob", "fusion",
                "attention")
+    tasks = ("weak",)
     loss_weights = {"event_class": 1.0, "vcon": 1.0}                         # lambda_vcon 1 (run_weakly_supv.sh:34)
 
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),

@@ -99,7 +99,8 @@ def segment_cosine(visual: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
 def avps_loss(avps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-video AVPS loss [B]: ReLU(avps) normalised over segments, squared error to the target.
 
-    The mean over the batch is the reference MSELoss (mean over B*T).
+    The mean over the batch is the reference MSELoss (mean over B*T). Reference form, kept: while all
+    cosines of a video are <= 0, r is 0; once one turns positive, r is ~one-hot (a jump, not a slope).
     """
     r = F.relu(avps)                                                         # [B, T]
     r = r / (r.sum(-1, keepdim=True) + ROW_EPS)
@@ -125,8 +126,7 @@ def avps_target(labels: torch.Tensor) -> torch.Tensor:
     This is what the reference dataloader builds for its very first batch, and what the training hook
     uses for every batch (the reference's buffer is never reset; see avps_target_reference).
     """
-    on, value = _avps_pairs(labels)
-    return torch.where(on, value, torch.zeros_like(value))
+    return _avps_pairs(labels)[1]                                            # 0 off the chosen class
 
 
 def avps_target_reference(labels: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
@@ -301,6 +301,7 @@ class PSP(PSPBackbone):
     """
 
     outputs = ("logits", "segment_scores", "avps", "fusion", "attention")
+    tasks = ("supervised",)
     loss_weights = {"cls": 1.0, "avps": 100.0}                    # LAMBDA = 100 (fully_supervised_main.py:39)
     reference_classes = ("fully_model.psp_net", "fully_model.AVGA", "fully_model.LSTM_A_V", "fully_model.PSP",
                          "fully_model.AVSimilarity", "fully_model.Classify")
@@ -375,6 +376,7 @@ class PSPWeak(nn.Module):
 
     outputs = ("logits", "segment_scores", "raw_logits", "temporal_weight", "video_logits", "video_prob",
                "fusion", "attention")
+    tasks = ("weak",)
     loss_weights = {"bce": 1.0}
     reference_classes = ("weakly_model.psp_net", "weakly_model.AVGA", "weakly_model.LSTM_A_V", "weakly_model.PSP")
 

@@ -2,14 +2,11 @@
 
 For each second the attention map [H, W] (a softmax over the grid cells) is rescaled to [0, 1] by
 its own minimum and maximum, upsampled bilinearly to the frame size, coloured with :func:`colormap` and blended over the
-middle frame of that second. ``avel visualize`` writes one PNG per second, a grid of all seconds,
-and optionally an mp4 where every frame of a second carries that second's overlay.
+middle frame of that second. ``avel visualize`` writes one PNG per second (:mod:`avel.viz.images`),
+a grid of all seconds, and optionally an mp4 where every frame of a second carries that second's overlay.
 """
 from __future__ import annotations
 
-import json
-import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -17,9 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .png import write_png
-
-log = logging.getLogger(__name__)
+from ..features.decode import decode_video
+from ..features.media import write_clip
 
 # Anchors of a perceptually ordered dark-blue -> cyan -> yellow -> red map (roughly "turbo").
 _ANCHORS = np.array([
@@ -72,7 +68,7 @@ def _blend(frame: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
     return np.round(frame * (1 - w) + colormap(heat) * w).astype(np.uint8)
 
 
-def _fit(frame: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
+def fit(frame: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
     h, w = frame.shape[:2]
     if max(h, w) <= max_side:
         return frame
@@ -86,10 +82,8 @@ def _fit(frame: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
 def middle_frames(path: str | Path, seconds: int, *, max_side: int = MAX_SIDE) -> np.ndarray:
     """The middle frame of each of the first ``seconds`` seconds (time ``s + 0.5``) -> uint8 [T, H, W, 3],
     scaled down so the longer side is at most ``max_side``."""
-    from ..features.decode import decode_video
-
     d = decode_video(path, fps=1, seconds=int(seconds), audio=False)
-    return np.stack([_fit(f, max_side) for f in d.frames])
+    return np.stack([fit(f, max_side) for f in d.frames])
 
 
 def class_colour(index: int, background: int) -> tuple[int, int, int]:
@@ -132,12 +126,9 @@ def grid_image(images: np.ndarray, *, classes: Sequence[int] | None = None, back
 def write_overlay_video(path: str | Path, video: str | Path, attention: np.ndarray, *, fps: int = 16,
                         alpha: float = 0.6, max_side: int = MAX_SIDE) -> Path:
     """An mp4 (H.264 + AAC) of ``video`` with each second's attention overlay on all its frames."""
-    from ..features.decode import decode_video
-    from ..features.media import write_clip
-
     T = len(attention)
     d = decode_video(video, fps=fps, seconds=T)
-    frames = np.stack([_fit(f, max_side) for f in d.frames])
+    frames = np.stack([fit(f, max_side) for f in d.frames])
     h, w = frames.shape[1:3]
     heat = [np.clip(upsample(normalize(a), (h, w)), 0, 1) for a in attention]
     out = np.empty_like(frames)
@@ -145,35 +136,3 @@ def write_overlay_video(path: str | Path, video: str | Path, attention: np.ndarr
         out[i] = _blend(f, heat[min(i // fps, T - 1)], alpha)
     audio = None if d.flags.get("no_audio") else d.waveform
     return write_clip(path, out, fps, audio, d.sample_rate)
-
-
-def run_visualize(video: str | Path, *, checkpoint: str | Path, out: str | Path = "avel-attention", mp4: bool = False,
-                  device: str = "cpu", audio_weights: str | None = None, visual_weights: str | None = None) -> int:
-    """``avel visualize``: ``out/second_XX.png`` per second, ``out/grid.png``, ``out/attention.json``,
-    and with ``mp4`` ``out/overlay.mp4``. Returns 0, or 2 with a message on stderr."""
-    from ..features.weights import WeightsNotFoundError
-    from ..localize import LocalizeError, Localizer
-
-    out = Path(out)
-    try:
-        loc = Localizer.from_checkpoint(checkpoint, device=device, audio_weights=audio_weights,
-                                        visual_weights=visual_weights)
-        if not loc.has_attention:
-            raise LocalizeError(f"{checkpoint}: model {loc.model_name!r} has no audio-guided attention to draw "
-                                "(models with attention: av_att, visual_att, dmrn)")
-        result = loc.localize(video)
-        frames = middle_frames(video, result.seconds)
-    except (LocalizeError, WeightsNotFoundError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"avel visualize: error: {e}", file=sys.stderr)
-        return 2
-    images = overlays(frames, result.attention)
-    out.mkdir(parents=True, exist_ok=True)
-    for t, img in enumerate(images):
-        write_png(out / f"second_{t:02d}.png", img)
-    grid = write_png(out / "grid.png", grid_image(images, classes=result.classes, background=result.background))
-    (out / "attention.json").write_text(json.dumps(result.to_dict(), indent=1))
-    print(f"{video}: {result.seconds} s; per-second overlays and {grid} in {out}")
-    if mp4:
-        path = write_overlay_video(out / "overlay.mp4", video, result.attention)
-        print(f"overlay video: {path}")
-    return 0

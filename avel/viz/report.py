@@ -20,16 +20,17 @@ from typing import Sequence
 
 import numpy as np
 
-from .attention import PALETTE, _fit, class_colour, overlays
-from .png import encode_png
+from .._version import __version__
 from ..io import atomic_write
+from .attention import PALETTE, class_colour, fit, overlays
+from .images import encode_png
 
 TILE_SIDE = 176      # attention tiles are scaled down to this longer side in the report
 
 
 @dataclass
 class ReportEntry:
-    """One video of the report: its :class:`~avel.localize.Localization`, optionally the ground truth
+    """One video of the report: its :class:`~avel.inference.Localization`, optionally the ground truth
     per second (class indices or names) and the middle frame of each second (uint8 [T, H, W, 3])."""
 
     result: object
@@ -333,7 +334,7 @@ def _video_html(entry: ReportEntry, vid: int) -> str:
     out.append(probs_svg(probs, names, vid=vid))
     if entry.frames is not None and r.attention is not None:
         out.append("<h3>Audio-guided attention, middle frame of each second</h3><div class='tiles'>")
-        frames = np.stack([_fit(f, TILE_SIDE) for f in np.asarray(entry.frames)[: r.seconds]])
+        frames = np.stack([fit(f, TILE_SIDE) for f in np.asarray(entry.frames)[: r.seconds]])
         imgs = overlays(frames, np.asarray(r.attention)[: len(frames)])
         for t, img in enumerate(imgs):
             c = int(classes[t])
@@ -355,8 +356,6 @@ def _video_html(entry: ReportEntry, vid: int) -> str:
 def render_report(entries: Sequence[ReportEntry], *, facts: dict, title: str = "avel localization report",
                   summary: dict | None = None, failures: Sequence[dict] = ()) -> str:
     """The HTML text of the report (see the module docstring)."""
-    from .. import __version__
-
     facts = {"avel_version": __version__, **facts}
     body = [f"<header><h1>{_e(title)}</h1><div class='sub'>avel {_e(facts['avel_version'])} &middot; "
             f"<span id='avel-stats'></span></div></header><main>", '<div id="avel-errors"></div>']
@@ -381,7 +380,6 @@ def write_report(path: str | Path, entries: Sequence[ReportEntry], *, facts: dic
                  title: str = "avel localization report", summary: dict | None = None,
                  failures: Sequence[dict] = ()) -> Path:
     """Write the report to ``path`` (atomically) and return it."""
-
     path = Path(path)
     atomic_write(path, render_report(entries, facts=facts, title=title, summary=summary, failures=failures))
     return path
