@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+import torch.nn as nn
 
 from ._version import __version__
 from .spec import FeatureSpec
@@ -108,6 +110,13 @@ class ModelCard:
                    feature_spec=spec, outputs=tuple(d.get("outputs") or ()), run_config=run_config,
                    training=training, source=dict(d.get("source") or {}),
                    avel_version=str(d.get("avel_version", "unknown")))
+
+
+class Loaded(NamedTuple):
+    """What ``avel.load`` (and ``avel.compat.load_original``) return: the model and its card."""
+
+    model: nn.Module
+    card: ModelCard
 
 
 def feature_problems(card: ModelCard, spec: FeatureSpec | None, *, audio_shape=None, visual_shape=None) -> list[str]:

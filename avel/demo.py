@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from . import layout
 from .config import DataConfig, recipe
+from .data.errors import DataError
 from .engine.train import train
 from .features import build_backbones
 from .features.extract import collect_videos, extract
@@ -332,7 +333,7 @@ def _run(out: Path, size: str, cfg: DemoSize, device: str, progress: bool, seed:
     res = extract(items, root, audio_backbone=audio_bb, visual_backbone=visual_bb, seconds=cfg.seconds,
                   fps=DEMO_FPS, workers=1, progress=progress, annotations=annotations)
     if res.failed:
-        raise RuntimeError(f"{res.failed} demo clips failed to extract; see {res.manifest}")
+        raise DataError(f"{res.failed} demo clips failed to extract; see {res.manifest}")
     write_splits(root, ds["splits"])
     times["features"] = time.perf_counter() - t
     st.done(t, f"{res.rate:.1f} video-seconds per second")

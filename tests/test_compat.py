@@ -61,22 +61,22 @@ def _check_dmrn(model, io_npz):
 
 @pytest.mark.parametrize("name", ["AV_att_whole_legacy.pt", "AV_att_whole_zip.pt", "AV_att_state_dict.pt"])
 def test_av_att_reproduces_reference(orig, io_npz, name):
-    model = load_original(orig / name)
-    assert not model.training and model.original_kind == "av_att"
-    assert model.avel_spec["name"] == "av_att"
+    model, card = load_original(orig / name)
+    assert not model.training and card.source["kind"] == "av_att"
+    assert card.model == "av_att" and card.task == "supervised" and len(card.class_names) == 29
     _check_av_att(model, io_npz)
 
 
 def test_dmrn_reproduces_reference(orig, io_npz):
-    model = load_original(orig / "DMRN_whole_legacy.pt")
-    assert model.original_kind == "dmrn" and model.avel_spec["name"] == "dmrn" and not model.training
+    model, card = load_original(orig / "DMRN_whole_legacy.pt")
+    assert card.source["kind"] == "dmrn" and card.model == "dmrn" and not model.training
     assert model.blocks == 1
     _check_dmrn(model, io_npz)
 
 
 def test_weak_reproduces_reference(orig, io_npz):
-    model = load_original(orig / "AV_att_weak_whole_legacy.pt")
-    assert model.original_kind == "av_att_weak" and model.avel_spec["name"] == "av_att"
+    model, card = load_original(orig / "AV_att_weak_whole_legacy.pt")
+    assert card.source["kind"] == "av_att_weak" and card.model == "av_att" and card.task == "weak"
     logits = _run(model, io_npz)["logits"]
     np.testing.assert_allclose(logits.numpy(), io_npz["AV_att_weak_segment_scores"], **TOL)
     video = logits.max(dim=1).values.softmax(-1)
@@ -98,13 +98,13 @@ def test_read_original_metadata(orig):
 
 
 def test_state_dict_kind(orig, tmp_path, io_npz):
-    weak = load_original(orig / "AV_att_state_dict.pt", kind="av_att_weak")
-    assert weak.original_kind == "av_att_weak"
+    weak, card = load_original(orig / "AV_att_state_dict.pt", kind="av_att_weak")
+    assert card.source["kind"] == "av_att_weak"
     # A DMRN state dict is recognised from its keys.
     path = tmp_path / "dmrn_sd.pt"
     _write_zip(path, read_original(orig / "DMRN_whole_legacy.pt").state_dict)
-    model = load_original(path)
-    assert model.original_kind == "dmrn"
+    model, card = load_original(path)
+    assert card.source["kind"] == "dmrn"
     _check_dmrn(model, io_npz)
     with pytest.raises(ValueError, match="kind"):
         load_original(path, kind="nonsense")
@@ -250,7 +250,7 @@ def test_release_like_file_cuda_and_source_text(orig, tmp_path, io_npz):
     ckpt = read_original(path)
     assert ckpt.locations == ("cuda:0",) and ckpt.format == "legacy" and ckpt.class_name == "models.att_Net"
     assert all(t.device.type == "cpu" for t in ckpt.state_dict.values())
-    model = load_original(path)
+    model, _ = load_original(path)
     _check_av_att(model, io_npz)
     assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
 
@@ -259,7 +259,7 @@ def test_zip_cuda_location_maps_to_cpu(orig, tmp_path, io_npz):
     path = tmp_path / "sd_cuda.pt"
     _write_zip(path, read_original(orig / "AV_att_state_dict.pt").state_dict, location="cuda:1")
     assert read_original(path).locations == ("cuda:1",)
-    _check_av_att(load_original(path), io_npz)
+    _check_av_att(load_original(path).model, io_npz)
 
 
 def test_legacy_storage_view(tmp_path):
@@ -398,8 +398,8 @@ def _check_cml(model, cml_io):
 
 
 def test_keras_cml_reproduces_reference(ave_dir, cml_io):
-    model = load_keras_cml(ave_dir / "cmm_model_weights.h5")
-    assert not model.training and model.avel_spec["name"] == "cml"
+    model, card = load_keras_cml(ave_dir / "cmm_model_weights.h5")
+    assert not model.training and card.model == "cml" and card.task == "cml"
     _check_cml(model, cml_io)
 
 
@@ -428,7 +428,7 @@ def _copy_keras(src, dst, *, under=None, skip=(), reshape=None):
 def test_keras_model_weights_group(ave_dir, tmp_path, cml_io):
     path = tmp_path / "full_model.h5"
     _copy_keras(ave_dir / "cmm_model_weights.h5", path, under="model_weights")
-    _check_cml(load_keras_cml(path), cml_io)
+    _check_cml(load_keras_cml(path).model, cml_io)
 
 
 def test_keras_missing_layer(ave_dir, tmp_path):

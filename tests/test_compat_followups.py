@@ -15,7 +15,6 @@ import torch
 from avel.compat import OriginalCheckpointError, load_original, read_original
 from avel.models import avsdn, cmbs, cmran, cpsp, psp  # noqa: F401  (registers the follow-up models)
 
-
 # variant -> (kind, prediction array, (avel output, fixture array, reshape of the fixture))
 VARIANTS = {
     "psp": ("psp", "pred_segment", ("logits", "out", None)),
@@ -67,8 +66,9 @@ def write_reference_file(followups, regen, variant: str, folder):
 def test_loaded_reference_file_reproduces_fixture(followups, regen, inputs, tmp_path, variant):
     kind, pred_key, (mine, theirs, layout) = VARIANTS[variant]
     path = write_reference_file(followups, regen, variant, tmp_path)
-    model = load_original(path, kind=kind)
-    assert not model.training and model.original_kind == kind and model.avel_spec["name"] == kind
+    model, card = load_original(path, kind=kind)
+    assert not model.training and card.source["kind"] == kind and card.model == kind
+    assert card.task == ("weak" if kind.endswith("_weak") else "supervised") and card.outputs
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with np.load(followups / variant / "outputs.npz") as z:
         expected = {k: z[k] for k in z.files}
@@ -85,7 +85,7 @@ def test_loaded_reference_file_reproduces_fixture(followups, regen, inputs, tmp_
 def test_float64_on_request(followups, regen, inputs, tmp_path, variant):
     kind, pred_key, (mine, theirs, layout) = VARIANTS[variant]
     path = write_reference_file(followups, regen, variant, tmp_path)
-    model = load_original(path, kind=kind, dtype=torch.float64)
+    model, _ = load_original(path, kind=kind, dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     with np.load(followups / variant / "outputs.npz") as z:
         ref = z[theirs]
@@ -101,7 +101,7 @@ def test_whole_module_says_its_kind(followups, variant):
     ckpt = read_original(followups / variant / WHOLE[variant])
     assert ckpt.kind == variant and ckpt.format == "legacy" and ckpt.locations == ("cuda:0",)
     assert ckpt.class_name == f"{'fully' if variant == 'psp' else 'weakly'}_model.psp_net"
-    assert load_original(followups / variant / WHOLE[variant]).original_kind == variant
+    assert load_original(followups / variant / WHOLE[variant]).card.source["kind"] == variant
 
 
 @pytest.mark.parametrize("variant", ["avsdn", "cmbs", "cmbs_weak"])
@@ -111,7 +111,7 @@ def test_state_dict_kind_from_keys(followups, regen, tmp_path, variant):
     ckpt = read_original(path)
     assert ckpt.kind == "state_dict" and ckpt.dtypes == ("float64",)
     assert all(k.startswith("module.") for k in ckpt.state_dict)
-    assert load_original(path).original_kind == variant
+    assert load_original(path).card.source["kind"] == variant
 
 
 @pytest.mark.parametrize("variant,others", [("cmran", "cmran_weak"), ("cpsp", "cpsp_weak")])

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from avel.compat import OriginalCheckpointError, load_original, read_original  # noqa: E402
+from avel.compat import OriginalCheckpointError, load_original, read_original
 
-FUZZ = settings(max_examples=150, deadline=3000, derandomize=True, database=None,
+FUZZ = settings(max_examples=300, deadline=3000, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 

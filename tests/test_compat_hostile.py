@@ -21,7 +21,12 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from avel.compat import OriginalCheckpointError, UnsafeCheckpointError, load_original, read_original
+from avel.compat import (
+    OriginalCheckpointError,
+    UnsafeCheckpointError,
+    load_original,
+    read_original,
+)
 
 MAGIC = 0x1950A86A20F9469CFC6C
 SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}

@@ -7,8 +7,10 @@ import av
 import numpy as np
 import pytest
 
-from avel.features.decode import VideoDecodeError, decode_audio, decode_video, sample_times
-from avel.features.media import color_frames, tone, write_clip
+import avel.features.decode as dec
+from _support.media import color_frames, decode_audio, tone
+from avel.features.decode import VideoDecodeError, VideoStream, decode_video, sample_times
+from avel.features.media import write_clip
 
 RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 SOUNDS = Path("/usr/share/sounds/freedesktop/stereo")
@@ -197,8 +199,6 @@ def test_audio_gap_stays_aligned(tmp_path):
 
 def test_stream_yields_the_seconds_of_decode_video_while_demuxing(tmp_path):
     """VideoStream gives decode_video's rows second by second, before the end of the file is reached."""
-    from avel.features.decode import VideoStream
-
     rng = np.random.default_rng(3)
     path = write_clip(tmp_path / "r.mp4", rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8), 10, tone(6))
     for kw in ({}, {"seconds": 4}, {"seconds": 8, "fps": 3}):
@@ -218,8 +218,6 @@ def test_stream_yields_the_seconds_of_decode_video_while_demuxing(tmp_path):
 
 def test_stream_with_unknown_length_matches_decode_video(tmp_path, monkeypatch):
     """No container duration: seconds are yielded once proven inside the clip, the same as decode_video."""
-    import avel.features.decode as dec
-
     path = write_clip(tmp_path / "r.mp4", color_frames(RGB, 10, (16, 16)), 10, tone(3))
     monkeypatch.setattr(dec, "_container_duration", lambda c: None)
     whole = decode_video(path)

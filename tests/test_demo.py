@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from avel.demo import CLASSES, SIZES, _shape_mask, plan_clip, run_demo
+from avel.cli import main
+from avel.demo import CLASSES, SIZES, DemoResult, _shape_mask, plan_clip, run_demo
 
 
 def test_clip_plan_has_event_and_fooling_seconds():
@@ -33,8 +34,9 @@ def test_shapes_differ():
 @pytest.mark.slow
 def test_demo_small_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert run_demo(out, size="small", progress=False) == 0
+    assert main(["demo", "--out", str(out), "--size", "small", "--no-progress"]) == 0
     printed = capsys.readouterr().out
+    assert "[5/5] writing the report" in printed
     m = re.search(r"test segment accuracy: ([0-9.]+)", printed)
     assert m, printed
     info = json.loads((out / "demo.json").read_text())
@@ -74,6 +76,19 @@ def test_demo_small_end_to_end(tmp_path, capsys):
 
 def test_demo_refuses_foreign_folder(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
-    assert run_demo(tmp_path, size="small", progress=False) == 2
-    assert "not an avel demo folder" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--size", "small", "--no-progress"]) == 2
+    assert "avel demo: error:" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not an avel demo folder"):
+        run_demo(tmp_path, size="small", progress=False)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_demo_returns_its_result_and_prints_nothing(tmp_path, capsys):
+    """The library run is silent (stages go to ``notify``) and returns the numbers the command prints."""
+    said = []
+    r = run_demo(tmp_path / "d", size="small", progress=False, notify=said.append)
+    assert capsys.readouterr().out == ""
+    assert isinstance(r, DemoResult) and r.size == "small" and len(said) == 10 and said[0].startswith("[1/5]")
+    assert len(r.clips) == SIZES["small"].test and r.report.is_file() and r.segments == 4 * 6
+    assert json.loads((tmp_path / "d" / "demo.json").read_text())["accuracy"] == pytest.approx(r.accuracy)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import av
@@ -16,11 +17,15 @@ import pytest
 from avel.data.annotations import parse_annotations
 from avel.data.errors import DataError
 from avel.data.store import open_store
+from avel.cli import main
+from avel.features import audio_backbones, visual_backbones
 from avel.features.extract import (PARTS, VideoItem, collect_videos, extract, extract_video, merge_shards,
                                    read_manifest, shard_from_env)
-from avel.features.media import color_frames, tone, write_clip
+from avel.features.extract import video as extract_video_module
+from avel.features.media import write_clip
 
 from _fake_backbones import BackboneCrash, FakeAudio, FakeVisual
+from _support.media import color_frames, tone
 
 TESTS = Path(__file__).resolve().parent
 RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
@@ -245,22 +250,14 @@ def test_recorded_sound_gives_distinct_audio_features(tmp_path):
     assert np.isfinite(f.audio).all() and f.audio[1, 0] > 0.05 and f.audio[0, 0] < 1e-3 and f.audio[3, 0] < 1e-3
 
 
-def _real_backbones_available() -> bool:
-    try:
-        from avel.features.backbones import audio_backbones, visual_backbones
-        return "efficientnet-lite0" in visual_backbones() and "logmel" in audio_backbones()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@pytest.mark.skipif(not _real_backbones_available(), reason="efficientnet-lite0 / logmel backbones not available")
-def test_real_offline_defaults_through_run_extract(tmp_path):
-    from avel.features.extract import run_extract
-
+def test_real_offline_defaults_through_the_cli(tmp_path, capsys):
+    assert "efficientnet-lite0" in visual_backbones() and "logmel" in audio_backbones()
     vids = tmp_path / "vids"
     _ring_clip(vids / "ring.mp4")
-    res = run_extract([str(vids)], str(tmp_path / "out"), seconds=4, fps=4, workers=1, progress=False)
-    assert res.rows == 1 and res.failed == 0
+    assert main(["extract", str(vids), "--out", str(tmp_path / "out"), "--seconds", "4", "--fps", "4",
+                 "--workers", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 rows (1 videos)" in printed and "0 failed" in printed
     store = open_store(tmp_path / "out")
     assert store.spec.visual.backbone == "efficientnet-lite0" and store.spec.audio.backbone == "logmel"
     assert store.spec.visual.frames_per_segment == 4
@@ -298,13 +295,9 @@ def test_chunked_extraction_is_identical_to_one_chunk(long_clip, kw):
 def test_chunked_extraction_bounds_the_frames_held(long_clip, monkeypatch):
     """Frame arrays alive (decoded and not yet released) at each backbone call stay within one chunk and one
     batch, instead of the whole video."""
-    import weakref
-
-    import avel.features.extract as ext
-
     alive = [0]
 
-    class CountingStream(ext.VideoStream):
+    class CountingStream(extract_video_module.VideoStream):
         def __iter__(self):
             for s, frames, times in super().__iter__():
                 alive[0] += 1
@@ -318,7 +311,7 @@ def test_chunked_extraction_bounds_the_frames_held(long_clip, monkeypatch):
             self.peak = max(self.peak, alive[0])
             return super().__call__(frames)
 
-    monkeypatch.setattr(ext, "VideoStream", CountingStream)
+    monkeypatch.setattr(extract_video_module, "VideoStream", CountingStream)
     fps, batch = 4, 6
     peaks = {}
     for chunk in (None, 1, 3):
@@ -340,11 +333,6 @@ def test_chunked_extraction_bounds_the_frames_held(long_clip, monkeypatch):
 def test_cli_visual_size_is_recorded_and_refused_where_fixed(tmp_path):
     """`avel extract --visual-size` reaches the backbone, lands in the spec, and a backbone with a
     fixed input size refuses it with a clear error instead of a traceback."""
-    import h5py
-
-    from avel.cli import main
-    from avel.features.media import color_frames, write_clip
-
     clip = tmp_path / "in" / "a.mp4"
     clip.parent.mkdir()
     write_clip(clip, color_frames([(200, 30, 30), (30, 200, 30)], 16, (48, 64)), 16, None)

@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from avel.features import backbones
-from avel.features import efficientnet as effnet
+from _support.reference_weights import generate_reference_weights
+from _support.resample_reference import resample_reference
+from avel import features as backbones
 from avel.features import weights as W
-from avel.features.logmel import (EXAMPLE_FRAMES, LOG_OFFSET, NUM_BANDS, log_mel_spectrogram, mel_matrix,
+from avel.features.backbones import efficientnet as effnet
+from avel.features.backbones.logmel import (EXAMPLE_FRAMES, LOG_OFFSET, NUM_BANDS, log_mel_spectrogram, mel_matrix,
                                   segment_examples, waveform_to_examples)
-from avel.features.resample import resample, resample_reference
-from avel.features.vgg import KERAS_CONV_NAMES, VGG19, load_vgg19_weights
-from avel.features.vggish import VGGish
+from avel.features.backbones.vgg import KERAS_CONV_NAMES, VGG19, load_vgg19_weights
+from avel.features.backbones.vggish import VGGish
+from avel.features.resample import resample
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -31,12 +33,12 @@ def vggish_io(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def vggish_weights(fixtures_dir):
-    return W.generate_reference_weights(fixtures_dir / "vggish" / "weights_spec.json")
+    return generate_reference_weights(fixtures_dir / "vggish" / "weights_spec.json")
 
 
 @pytest.fixture(scope="module")
 def vgg19_weights(fixtures_dir):
-    return W.generate_reference_weights(fixtures_dir / "vgg19" / "weights_spec.json")
+    return generate_reference_weights(fixtures_dir / "vgg19" / "weights_spec.json")
 
 
 @pytest.fixture
@@ -445,7 +447,7 @@ def test_weights_download_atomic_and_offline(no_weight_env, monkeypatch):
 def test_generate_reference_weights_rule(fixtures_dir):
     spec = json.loads((fixtures_dir / "vggish" / "weights_spec.json").read_text())
     small = {"seed_base": spec["seed_base"], "seed": spec["seed"], "keys": spec["keys"][:2]}
-    got = W.generate_reference_weights(small)
+    got = generate_reference_weights(small)
     rng = np.random.default_rng(spec["seed_base"] + spec["seed"])
     w = (rng.standard_normal((64, 1, 3, 3)) * np.sqrt(2.0 / 9)).astype(np.float32)
     b = (rng.standard_normal((64,)) * 0.01).astype(np.float32)

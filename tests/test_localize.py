@@ -5,17 +5,23 @@ import dataclasses
 import json
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
 
 import avel
-from avel import build_model
+from _support.media import tone
+from _support.png import read_png
+from avel import ModelCard, build_model
+from avel.cli import main
 from avel.engine import checkpoint
-from avel.features.logmel import LOGMEL_SPEC
-from avel.features.media import tone, write_clip
+from avel.features.backbones.logmel import LOGMEL_SPEC
+from avel.features.media import write_clip
+from avel.inference import Localization, LocalizeError, Localizer, Span, merge_spans
+from avel.models.registry import complete_arguments, model_class
 from avel.spec import AVE_OFFICIAL, FeatureSpec, StreamSpec
-from avel.localize import Localization, LocalizeError, Localizer, Span, merge_spans, run_localize
+from avel.viz.attention import colormap, grid_image, overlay, upsample
 
 CLASSES = ["Bell", "Bird", "Alarm", "background"]
 GRID = (2, 2)          # efficientnet-lite0 at 64x64 input: ceil(64 / 32) = 2
@@ -31,17 +37,22 @@ SYNTH_SPEC = FeatureSpec(
 )
 
 
+def save_model(folder: Path, name: str, *, task: str = "supervised", spec: FeatureSpec | None = None,
+               classes=CLASSES, **kwargs) -> Path:
+    """A checkpoint folder of a fresh ``name`` model with its card, as training would write it."""
+    model = build_model(name, **kwargs)
+    card = ModelCard(model=name, model_kwargs=complete_arguments(name, kwargs), task=task, class_names=tuple(classes),
+                     feature_spec=spec, outputs=model_class(name).outputs, training={"segments": 10})
+    return checkpoint.save(folder, model, card)
+
+
 def _save(folder: Path, name: str = "av_att", spec: FeatureSpec | None = REAL_SPEC, **kw) -> Path:
     torch.manual_seed(1)
     kwargs = dict(audio_dim=128, visual_dim=1280, grid=GRID, num_classes=len(CLASSES), hidden=16)
     if name in ("av_att", "visual_att", "dmrn"):
         kwargs["att_hidden"] = 32
     kwargs.update(kw)
-    model = build_model(name, **kwargs)
-    info = {"task": "supervised", "class_names": CLASSES, "segments": 10}   # as if trained on 10 s clips
-    if spec is not None:
-        info["feature_spec"] = spec.to_dict()
-    return checkpoint.save(folder, model, **info)
+    return save_model(folder, name, spec=spec, **kwargs)     # as if trained on 10 s clips
 
 
 def _clip(path: Path, seconds: int, *, audio: bool = True, seed: int = 0) -> Path:
@@ -128,8 +139,10 @@ def test_precomputed_features(work):
     feats = loc.features(work["clips"]["3s"])
     c = loc.localize(feats)
     assert c.seconds == 3
-    with pytest.raises(LocalizeError, match=r"visual features must be \[T, 2, 2, 1280\]"):
+    with pytest.raises(LocalizeError, match=r"visual grid is \[1, 2\], the model's attention takes \[2, 2\]"):
         loc.localize((audio, visual[:, :1]))
+    with pytest.raises(LocalizeError, match="visual features are 64-d, the model takes 1280-d"):
+        loc.localize((audio, visual[..., :64]))
     with pytest.raises(LocalizeError, match="same T"):
         loc.localize((audio[:4], visual))
     with pytest.raises(TypeError):
@@ -146,7 +159,8 @@ def test_batch_with_bad_inputs(work, tmp_path, capsys):
     c = work["clips"]
     missing = work["root"] / "missing.mp4"
     videos = [c["3s"], missing, c["garbage"], c["silent"], c["14s"]]
-    rc = run_localize(videos, checkpoint=work["ckpt"], out=tmp_path / "out", fmt="json", report=True)
+    rc = main(["localize", *map(str, videos), "--checkpoint", str(work["ckpt"]), "--out", str(tmp_path / "out"),
+               "--report"])
     assert rc == 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["videos"]
     status = {Path(s["video"]).name: s for s in summary}
@@ -164,8 +178,6 @@ def test_batch_with_bad_inputs(work, tmp_path, capsys):
 
 
 def test_csv_output_and_cli(work, tmp_path):
-    from avel.cli import main
-
     rc = main(["localize", str(work["clips"]["3s"]), "--checkpoint", str(work["ckpt"]), "--out",
                str(tmp_path / "o"), "--format", "csv"])
     assert rc == 0
@@ -182,7 +194,8 @@ def test_synthetic_spec_cannot_localize_video(work, tmp_path):
     # ...but precomputed features are fine.
     r = loc.localize((np.zeros((2, 128), np.float32), np.zeros((2, *GRID, 1280), np.float32)))
     assert r.seconds == 2
-    assert run_localize([work["clips"]["3s"]], checkpoint=tmp_path / "synth", out=tmp_path / "o") == 2
+    assert main(["localize", str(work["clips"]["3s"]), "--checkpoint", str(tmp_path / "synth"),
+                 "--out", str(tmp_path / "o")]) == 2
 
 
 def test_missing_weights_clear_message(work, tmp_path, monkeypatch, capsys):
@@ -190,19 +203,31 @@ def test_missing_weights_clear_message(work, tmp_path, monkeypatch, capsys):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    ckpt = checkpoint.save(tmp_path / "official", build_model("av_att", num_classes=4), task="supervised",
-                           class_names=CLASSES, feature_spec=AVE_OFFICIAL.to_dict())
-    rc = run_localize([work["clips"]["3s"]], checkpoint=ckpt, out=tmp_path / "o")
+    ckpt = save_model(tmp_path / "official", "av_att", spec=AVE_OFFICIAL, num_classes=4)
+    rc = main(["localize", str(work["clips"]["3s"]), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")])
     assert rc == 2
     err = capsys.readouterr().err
     assert "weights" in err and ("vggish-10086976.pth" in err or "vgg19" in err)
+    assert "--audio-weights FILE" in err and "Traceback" not in err
 
 
-def test_non_classifier_refused(tmp_path):
-    model = build_model("cml")
-    ckpt = checkpoint.save(tmp_path / "cml", model, task="cml", class_names=CLASSES)
-    with pytest.raises(LocalizeError, match="segment classifier"):
+def test_non_segment_model_refused(tmp_path):
+    """The cml model returns distances, not segment_scores: refused by its card, nothing is probed."""
+    ckpt = save_model(tmp_path / "cml", "cml", task="cml")
+    with pytest.raises(LocalizeError, match="segment_scores"):
         Localizer.from_checkpoint(ckpt)
+
+
+def test_scores_are_the_models_segment_scores(work):
+    """What the localizer reports per second is the model's own segment_scores, whatever its head."""
+    loc: Localizer = work["loc"]
+    rng = np.random.default_rng(3)
+    audio, visual = rng.normal(size=(4, 128)).astype(np.float32), rng.normal(size=(4, *GRID, 1280)).astype(np.float32)
+    with torch.inference_mode():
+        out = loc.model(torch.from_numpy(audio)[None], torch.from_numpy(visual)[None])
+    r = loc.localize((audio, visual))
+    np.testing.assert_allclose(r.probs, out["segment_scores"][0].numpy(), atol=1e-6)
+    assert loc.facts()["model"] == "av_att" and loc.facts()["classes"] == CLASSES
 
 
 def test_checkpoint_not_found(tmp_path):
@@ -213,11 +238,8 @@ def test_checkpoint_not_found(tmp_path):
 # ---------------------------------------------------------------------------------------------- visualize
 
 def test_visualize_writes_overlays(work, tmp_path):
-    from avel.viz.attention import run_visualize
-    from avel.viz.png import read_png
-
     out = tmp_path / "att"
-    rc = run_visualize(work["clips"]["3s"], checkpoint=work["ckpt"], out=out, mp4=True)
+    rc = main(["visualize", str(work["clips"]["3s"]), "--checkpoint", str(work["ckpt"]), "--out", str(out), "--mp4"])
     assert rc == 0
     pngs = sorted(out.glob("second_*.png"))
     assert len(pngs) == 3
@@ -225,7 +247,7 @@ def test_visualize_writes_overlays(work, tmp_path):
     assert img.shape == (64, 64, 3) and img.std() > 1
     grid = read_png(out / "grid.png")
     assert grid.shape[1] > 3 * 64 and grid.shape[0] > 64
-    import av
+
 
     with av.open(str(out / "overlay.mp4")) as c:
         assert c.streams.video and c.streams.audio
@@ -234,17 +256,13 @@ def test_visualize_writes_overlays(work, tmp_path):
 
 
 def test_visualize_refuses_model_without_attention(work, tmp_path, capsys):
-    from avel.viz.attention import run_visualize
-
     ckpt = _save(tmp_path / "av", name="av")
-    rc = run_visualize(work["clips"]["3s"], checkpoint=ckpt, out=tmp_path / "o")
+    rc = main(["visualize", str(work["clips"]["3s"]), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "no audio-guided attention" in capsys.readouterr().err
 
 
 def test_overlay_and_colormap():
-    from avel.viz.attention import colormap, grid_image, overlay, upsample
-
     cm = colormap(np.array([0.0, 0.5, 1.0]))
     assert cm.shape == (3, 3) and cm.dtype == np.uint8 and not np.array_equal(cm[0], cm[2])
     up = upsample(np.array([[0.0, 1.0], [0.0, 1.0]]), (8, 8))

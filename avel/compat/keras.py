@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
-import torch.nn as nn
 
 from ..data.errors import DataError
+from ..card import Loaded, ModelCard
 from ..models import build_model
-from ..models.registry import complete_arguments
+from ..models.registry import complete_arguments, model_class
+from ..spec import AVE_OFFICIAL
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,6 @@ def _decode(name) -> str:
 
 def _dense(root, layer: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     """(kernel [in, out], bias [out]) of one Dense layer."""
-    import h5py     # optional dependency: only this reader needs it
-
     if layer not in root:
         raise KerasWeightsError(f"{source}: layer {layer!r} is missing")
     group = root[layer]
@@ -58,10 +58,8 @@ def _dense(root, layer: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     return kernel, bias
 
 
-def load_keras_cml(path: str | Path) -> nn.Module:
-    """Official Keras CML weights file -> avel ``cml`` model in eval mode."""
-    import h5py     # optional dependency: only this reader needs it
-
+def load_keras_cml(path: str | Path) -> Loaded:
+    """Official Keras CML weights file -> ``(model, card)``: the avel ``cml`` model in eval mode."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -97,6 +95,8 @@ def load_keras_cml(path: str | Path) -> nn.Module:
         state[f"{mod}.bias"] = torch.from_numpy(bias)
     model.load_state_dict(state, strict=True)
     model.eval()
-    model.avel_spec = {"name": "cml", "kwargs": complete_arguments("cml", kwargs)}
     log.info("%s: Keras %s CML weights loaded", source, version)
-    return model
+    card = ModelCard(model="cml", model_kwargs=complete_arguments("cml", kwargs), task="cml",
+                     feature_spec=AVE_OFFICIAL, outputs=model_class("cml").outputs,
+                     source={"path": source, "kind": "keras_cml", "keras_version": version})
+    return Loaded(model, card)

@@ -21,13 +21,24 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..card import Loaded, ModelCard
+from ..data.annotations import ave_categories
 from ..models import build_model
+from ..spec import AVE_OFFICIAL
 from ..models.registry import available_models, complete_arguments, model_class
-from .limits import DEFAULT_LIMITS, Limits, OriginalCheckpointError, UnsafeCheckpointError, brief
+from .limits import (
+    DEFAULT_LIMITS,
+    Limits,
+    OriginalCheckpointError,
+    UnsafeCheckpointError,
+    brief,
+)
+from .keras import load_keras_cml
 from .readers import OFFICIAL_CLASSES, OriginalCheckpoint, class_kinds, read_original
 
 __all__ = ["KINDS", "OFFICIAL_CLASSES", "OriginalCheckpoint", "OriginalCheckpointError",
-           "UnsafeCheckpointError", "kinds", "load_original", "read_original"]
+           "UnsafeCheckpointError", "ave_class_names", "convert_original", "kinds", "load_original",
+           "read_original"]
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +184,16 @@ def _detect(ckpt: OriginalCheckpoint, sd: dict) -> str:
 
 
 def load_original(path: str | Path, *, kind: str | None = None, dtype: torch.dtype | None = None,
-                  limits: Limits = DEFAULT_LIMITS) -> nn.Module:
-    """Reference checkpoint -> equivalent avel model in eval mode.
+                  task: str | None = None, limits: Limits = DEFAULT_LIMITS) -> Loaded:
+    """Reference checkpoint -> ``(model, card)``: the equivalent avel model in eval mode and its card.
 
     ``kind`` is a 2018 kind ('av_att', 'av_att_weak', 'dmrn') or the registry name of a model with a
     reference converter ('psp', 'cmbs', ...); it may be omitted when the file says what it is (a whole
     pickled module) or when exactly one model fits a state dict's keys. ``dtype`` is the model's
     floating dtype (None: float32; the follow-up files are float64 and are cast unless asked).
+    ``task`` is recorded in the card: by default the weak task for weak kinds, else the model's first.
+    The card records where the weights came from (``card.source``) and that they expect the official
+    AVE features and class order.
     """
     valid = kinds()
     if kind is not None and kind not in valid:
@@ -200,8 +214,27 @@ def load_original(path: str | Path, *, kind: str | None = None, dtype: torch.dty
         raise OriginalCheckpointError(f"{source}: does not load into avel model {name!r}: "
                                       f"{brief(str(e), 400)}") from None
     model.eval()
-    model.avel_spec = {"name": name, "kwargs": complete_arguments(name, kwargs)}
-    model.original_kind = kind
-    model.original_class = ckpt.class_name
-    model.original_path = source
-    return model
+    supported = getattr(model_class(name), "tasks", ("supervised", "weak"))
+    task = task or ("weak" if kind.endswith("_weak") else supported[0])
+    if task not in supported:
+        raise ValueError(f"task {task!r}: model {name!r} trains {'/'.join(supported)}")
+    card = ModelCard(model=name, model_kwargs=complete_arguments(name, kwargs), task=task,
+                     class_names=ave_class_names(), feature_spec=AVE_OFFICIAL, outputs=model_class(name).outputs,
+                     source={"path": source, "kind": kind, "class": ckpt.class_name, "format": ckpt.format})
+    return Loaded(model, card)
+
+
+def ave_class_names() -> tuple[str, ...]:
+    """The official AVE class list: the 28 categories in release order, then background."""
+    return (*ave_categories(), "background")
+
+
+def convert_original(path: str | Path, *, kind: str | None = None, dtype: torch.dtype | None = None,
+                     task: str | None = None) -> Loaded:
+    """Any official or reference weights file -> ``(model, card)``: Keras CML weights (``.h5``) or a
+    PyTorch checkpoint of the 2018 release or a follow-up repository (``.pt``, ``.pth``, ``.pth.tar``)."""
+    if Path(path).suffix.lower() in (".h5", ".hdf5"):
+        if kind not in (None, "cml"):
+            raise ValueError(f"{path}: Keras weights hold the cml model, not {kind!r}")
+        return load_keras_cml(path)
+    return load_original(path, kind=kind, dtype=dtype, task=task)

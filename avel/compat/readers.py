@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from ..models.registry import available_models, model_class
+from .inert import InertModule, Storage, StorageView, TensorRef
 from .limits import DEFAULT_LIMITS, LEGACY_MAGIC, Limits, OriginalCheckpointError, brief
-from .unpickler import InertModule, Storage, StorageView, TensorRef, unpickle, unpickle_bytes
+from .unpickler import unpickle, unpickle_bytes
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ OFFICIAL_CLASSES = {
 _MODULE_MACHINERY = {"training", "dump_patches"}
 _PARSE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
                  KeyError, struct.error, UnicodeDecodeError, OverflowError, RecursionError, MemoryError,
-                 zipfile.BadZipFile, NotImplementedError, zipfile.LargeZipFile, RuntimeError)
+                 zipfile.BadZipFile, NotImplementedError, zipfile.LargeZipFile, RuntimeError, OSError)
 
 
 @dataclass
@@ -47,7 +48,7 @@ class OriginalCheckpoint:
     path: Path
     kind: str                                 # a kind (av_att, psp, ...) | state_dict | module (ambiguous class)
     class_name: str | None                    # e.g. 'models.att_Net'; None for a plain state dict
-    state_dict: "OrderedDict[str, torch.Tensor]"
+    state_dict: OrderedDict[str, torch.Tensor]
     format: str                               # legacy | zip
     extra: dict[str, Any] = field(default_factory=dict)   # e.g. hidden_dim, nb_block
     locations: tuple[str, ...] = ()           # storage locations as written (all mapped to CPU)
@@ -208,8 +209,8 @@ def _check_layout(ref: TensorRef, limit: int, source: str, name: str) -> int:
     return numel
 
 
-def _materialize(refs: "OrderedDict[str, TensorRef]", data: dict[str, torch.Tensor], source: str,
-                 dtype: torch.dtype) -> "OrderedDict[str, torch.Tensor]":
+def _materialize(refs: OrderedDict[str, TensorRef], data: dict[str, torch.Tensor], source: str,
+                 dtype: torch.dtype) -> OrderedDict[str, torch.Tensor]:
     layouts = []
     total = 0
     seen: set[int] = set()
@@ -245,7 +246,7 @@ def _materialize(refs: "OrderedDict[str, TensorRef]", data: dict[str, torch.Tens
     return out
 
 
-def _flatten(root, source: str, limits: Limits) -> tuple["OrderedDict[str, TensorRef]", dict[str, Any]]:
+def _flatten(root, source: str, limits: Limits) -> tuple[OrderedDict[str, TensorRef], dict[str, Any]]:
     """Stand-in module tree or plain mapping -> (name -> TensorRef, extra root attributes)."""
     refs: OrderedDict[str, TensorRef] = OrderedDict()
 

@@ -3,9 +3,9 @@
 It is the pure-Python unpickler of the standard library with an opcode allow-list: only the data
 opcodes torch writes (protocols 2-4) are accepted, each one that could hash, copy or allocate
 without bound is replaced by a checked version, only an allow-list of globals resolves, module
-classes become inert stand-ins that merely record their state, and storages are plain records
-whose bytes the readers fetch later. After loading, the object graph is checked for cycles and
-depth in time linear in its size.
+classes become inert stand-ins that merely record their state (:mod:`avel.compat.inert`), and
+storages are plain records whose bytes the readers fetch later. After loading, the object graph is
+checked for cycles and depth in time linear in its size.
 """
 from __future__ import annotations
 
@@ -18,7 +18,23 @@ from collections import OrderedDict
 
 import torch
 
-from .limits import LEGACY_MAGIC, Limits, OriginalCheckpointError, UnsafeCheckpointError, brief
+from .inert import (
+    AllowedCallable,
+    InertModule,
+    InertType,
+    Storage,
+    StorageType,
+    StorageView,
+    TensorRef,
+    check_graph,
+)
+from .limits import (
+    LEGACY_MAGIC,
+    Limits,
+    OriginalCheckpointError,
+    UnsafeCheckpointError,
+    brief,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,101 +48,6 @@ _MODULE_RENAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 # Non-module classes that old files carry and that are safe to record as inert stand-ins.
 _INERT_EXTRA = frozenset({"torch.backends.cudnn.rnn.Unserializable"})
 _SCALARS = (str, bytes, int, float, bool, type(None))
-
-
-# --------------------------------------------------------------------------- inert pickle objects
-
-
-class _Frozen:
-    """Base for allow-listed objects: pickle's BUILD cannot set attributes on them."""
-
-    __slots__ = ()
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"{type(self).__name__} is read-only")
-
-    def _init(self, **values):
-        for k, v in values.items():
-            object.__setattr__(self, k, v)
-
-
-class StorageType(_Frozen):
-    __slots__ = ("name", "dtype")
-
-    def __init__(self, name: str, dtype: torch.dtype):
-        self._init(name=name, dtype=dtype)
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-class Storage(_Frozen):
-    """A storage named in a persistent id; its bytes are read after unpickling."""
-
-    __slots__ = ("key", "dtype", "numel", "location")
-
-    def __init__(self, key: str, dtype: torch.dtype, numel: int, location: str):
-        self._init(key=key, dtype=dtype, numel=numel, location=location)
-
-
-class StorageView(_Frozen):
-    """A slice of a storage (legacy ``view_metadata``)."""
-
-    __slots__ = ("root", "offset", "numel")
-
-    def __init__(self, root: Storage, offset: int, numel: int):
-        self._init(root=root, offset=offset, numel=numel)
-
-
-class TensorRef(_Frozen):
-    """A tensor to build once the storage bytes are known (size/stride already checked)."""
-
-    __slots__ = ("storage", "offset", "size", "stride")
-
-    def __init__(self, storage, offset: int, size: tuple, stride: tuple):
-        self._init(storage=storage, offset=offset, size=size, stride=stride)
-
-
-class _InertType(type):
-    """Metaclass of the stand-ins: their class attributes cannot be changed from a pickle."""
-
-    def __setattr__(cls, name, value):
-        raise AttributeError(f"stand-in class {cls.__name__} is read-only")
-
-
-class InertModule(metaclass=_InertType):
-    """Stand-in for a pickled module class: records the pickled state and does nothing else."""
-
-    qualname = "?"
-
-    def __init__(self, *args, **kwargs):
-        self.__dict__["_avel_args"] = args
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"stand-in {self.qualname} is read-only")
-
-    @property
-    def state(self) -> dict:
-        state = self.__dict__.get("_avel_state")
-        if isinstance(state, tuple) and len(state) == 2:   # (dict state, slot state)
-            merged: dict = {}
-            for part in state:
-                if isinstance(part, dict):
-                    merged.update(part)
-            state = merged
-        return state if isinstance(state, dict) else {}
-
-
-class _Callable(_Frozen):
-    """An allow-listed callable implemented here (never the torch function of that name)."""
-
-    __slots__ = ("fn", "name")
-
-    def __init__(self, fn, name: str):
-        self._init(fn=fn, name=name)
-
-    def __call__(self, *args):
-        return self.fn(*args)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -309,7 +230,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         func = self.stack[-1]
         if not isinstance(args, tuple):
             raise self._fail("REDUCE arguments are not a tuple")
-        if isinstance(func, _Callable):
+        if isinstance(func, AllowedCallable):
             self.stack[-1] = func(*args)
         elif isinstance(func, type) and issubclass(func, InertModule):
             self.stack[-1] = func(*args)
@@ -373,12 +294,12 @@ class RestrictedUnpickler(pickle._Unpickler):
             "builtins.tuple": self._collection(tuple, keyed=False),
         }
         if full in safe:
-            return _Callable(safe[full], full)
+            return AllowedCallable(safe[full], full)
         if module in ("torch", "torch.cuda") and name in STORAGE_DTYPES:
             return StorageType(full, STORAGE_DTYPES[name])
         if self._is_module_class(module, name):
             if full not in self._classes:
-                self._classes[full] = _InertType(name, (InertModule,), {"qualname": full, "__slots__": ()})
+                self._classes[full] = InertType(name, (InertModule,), {"qualname": full, "__slots__": ()})
             return self._classes[full]
         raise UnsafeCheckpointError(
             f"{self._source}: refusing to load: the pickle asks for global {brief(full)}, which is not on "
@@ -484,49 +405,6 @@ class RestrictedUnpickler(pickle._Unpickler):
         if offset < 0 or view_size < 0 or offset + view_size > numel:
             raise self._fail(f"storage view {brief(view)} out of bounds")
         return self._views.setdefault(view_key, StorageView(storage, offset, view_size))
-
-
-# ----------------------------------------------------------------------------- graph checks
-
-
-def _children(obj):
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return obj
-    if isinstance(obj, dict):
-        return obj.values()       # keys are scalars (checked when inserted)
-    if isinstance(obj, InertModule):
-        return (obj.__dict__.get("_avel_state"), obj.__dict__.get("_avel_args"))
-    return ()
-
-
-def check_graph(root, source: str, limits: Limits) -> None:
-    """Refuse cycles and nesting deeper than ``limits.max_depth``; linear in the graph's size."""
-    depth: dict[int, int] = {}
-    on_path: set[int] = set()
-    stack = [(root, iter(_children(root)))]
-    on_path.add(id(root))
-    while stack:
-        obj, it = stack[-1]
-        child = next(it, _END)
-        if child is _END:
-            stack.pop()
-            on_path.discard(id(obj))
-            d = 1 + max((depth.get(id(c), 0) for c in _children(obj)), default=0)
-            depth[id(obj)] = d
-            if d > limits.max_depth:
-                raise OriginalCheckpointError(f"{source}: pickled object nested deeper than {limits.max_depth}")
-            continue
-        if not _children(child) or id(child) in depth:
-            continue
-        if id(child) in on_path:
-            raise OriginalCheckpointError(f"{source}: pickled object contains a cycle")
-        if len(stack) > limits.max_depth:
-            raise OriginalCheckpointError(f"{source}: pickled object nested deeper than {limits.max_depth}")
-        on_path.add(id(child))
-        stack.append((child, iter(_children(child))))
-
-
-_END = object()
 
 
 def unpickle(f, budget: int, *, source: str, storages: dict[str, Storage], module_prefixes: frozenset[str],

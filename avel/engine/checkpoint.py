@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..card import CardError, ModelCard
+from ..card import CardError, Loaded, ModelCard
 from ..io import atomic_output, atomic_write
 from ..models.registry import build_model, model_arguments
 
@@ -35,11 +34,6 @@ _STATE_KEY = "avel_state"
 
 class CheckpointError(ValueError):
     """An avel checkpoint folder that cannot be read or does not fit its model; names the file."""
-
-
-class Loaded(NamedTuple):
-    model: nn.Module
-    card: ModelCard
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> uint8 [H, W, C] (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA; palettes expand to RGB/RGBA)."""
+    if data[:8] != PNG_SIGNATURE:
+        raise ValueError("not a PNG file (bad signature)")
     with Image.open(io.BytesIO(data)) as img:
-        if img.format != "PNG":
-            raise ValueError(f"not a PNG file ({img.format})")
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         elif img.mode not in ("L", "LA", "RGB", "RGBA"):
