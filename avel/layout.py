@@ -17,8 +17,8 @@ Other modules take these names from here, so the layout is spelled out once.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np

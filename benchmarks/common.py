@@ -16,6 +16,13 @@ Conventions (printed by every script that uses them):
   the audio / grid-mean visual streams, the attended sum's regions) count x2 for those terms. This
   is the work that actually runs; the plain "x3 everything" count is printed beside it.
   Elementwise work (activations, softmax, loss, optimizer) is not counted: it is overhead.
+  Models without an analytic count here (the follow-up models) are **counted** instead:
+  :func:`counted_flops` runs one real forward + loss + backward under
+  ``torch.utils.flop_counter.FlopCounterMode`` (matrix products as dispatched, plus the fused LSTM
+  kernels, which the stock counter skips). Autograd computes no gradient of the input data, so the
+  backward part is the weights' gradients and the activation gradients on the way to them, as they
+  actually run; the one exception is the CPU (oneDNN) LSTM kernel, whose backward always computes
+  its input's gradient and is counted because it runs.
 """
 from __future__ import annotations
 
@@ -154,6 +161,109 @@ def model_flops(name: str, *, videos: int = 1, T: int = 10, grid=(7, 7), audio_d
         fuse = fuse + fuse + fuse + fuse                                       # U_v, U_a: 2 layers each
         return att + lstm_a + lstm_v_att + fuse + linear(seg, 2 * hidden, classes)
     raise ValueError(f"no FLOP count for model {name!r}")
+
+
+def has_analytic_flops(name: str) -> bool:
+    return name in MODELS
+
+
+# --- counted FLOPs ----------------------------------------------------------------------------------
+# FlopCounterMode counts mm / addmm / bmm / baddbmm (and their out= forms, same op packet) but not the
+# in-place addmm_ / baddbmm_ (the fused attention's backward accumulates with them) nor the fused RNN
+# kernels (oneDNN on CPU, cuDNN on GPU), which would leave every LSTM at zero. Formulas for those:
+
+def _bind(op, args, kwargs) -> dict:
+    """Arguments of an aten call by schema name."""
+    names = [a.name for a in op._schema.arguments]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]              # time steps x sequences (padded or packed alike)
+
+
+def _mkldnn_rnn_layer(*args, out_val=None, **kwargs) -> int:
+    # One layer, one direction: weight0 [G*h, in], weight1 [G*h, h]; 2*G*h*(in+h) per row.
+    a = _bind(torch.ops.aten.mkldnn_rnn_layer.default, args, kwargs)
+    return 2 * _rows(a["input"]) * (a["weight0"].numel() + a["weight1"].numel())
+
+
+def _mkldnn_rnn_layer_backward(*args, out_val=None, **kwargs) -> int:
+    # Weight gradients (= forward) + the recurrent and input gradients (= forward again): the
+    # kernel has no output mask and always computes d input, so it is counted.
+    a = _bind(torch.ops.aten.mkldnn_rnn_layer_backward.default, args, kwargs)
+    return 4 * _rows(a["input"]) * (a["weight1"].numel() + a["weight2"].numel())
+
+
+def _cudnn_weights(weight) -> int:
+    return sum(w.numel() for w in weight if w.dim() == 2)      # every layer and direction (+ projections)
+
+
+def _cudnn_rnn(*args, out_val=None, **kwargs) -> int:
+    a = _bind(torch.ops.aten._cudnn_rnn.default, args, kwargs)
+    return 2 * _rows(a["input"]) * _cudnn_weights(a["weight"])
+
+
+def _cudnn_rnn_backward(*args, out_val=None, **kwargs) -> int:
+    # Backward data (always: the layers and time steps chain through it) + weights when requested.
+    a = _bind(torch.ops.aten._cudnn_rnn_backward.default, args, kwargs)
+    f = 2 * _rows(a["input"]) * _cudnn_weights(a["weight"])
+    return f * (2 if a["output_mask"][3] else 1)
+
+
+def _addmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _baddbmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+for _f in (_mkldnn_rnn_layer, _mkldnn_rnn_layer_backward, _cudnn_rnn, _cudnn_rnn_backward):
+    _f._get_raw = True                        # FlopCounterMode: pass tensors and ints, not shapes
+
+
+def extra_flop_formulas() -> dict:
+    aten = torch.ops.aten
+    return {aten.addmm_: _addmm_, aten.baddbmm_: _baddbmm_,
+            aten.mkldnn_rnn_layer: _mkldnn_rnn_layer, aten.mkldnn_rnn_layer_backward: _mkldnn_rnn_layer_backward,
+            aten._cudnn_rnn: _cudnn_rnn, aten._cudnn_rnn_backward: _cudnn_rnn_backward}
+
+
+def counted_flops(forward_loss, backward=None) -> Flops:
+    """FLOPs of one real step, counted: ``forward_loss()`` returns the loss; its backward follows.
+
+    ``forward`` is the forward + loss; ``train`` adds the backward as it ran; ``train_x3`` is 3 x forward.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
+    with counter:
+        loss = forward_loss()
+        fwd = counter.get_total_flops()
+        (backward or (lambda l: l.backward()))(loss)
+        total = counter.get_total_flops()
+    return Flops(float(fwd), float(total), 3.0 * fwd)
+
+
+def segment_models() -> list[str]:
+    """Every registered model that returns segment scores (trains in the supervised / weak tasks)."""
+    import avel
+    from avel.models import model_class
+
+    return [n for n in avel.available_models() if "segment_scores" in model_class(n).outputs]
+
+
+def model_tasks(name: str) -> tuple[str, ...]:
+    """The tasks a registered model trains in (its class's ``tasks``; the registry's default otherwise)."""
+    from avel.models import model_class
+
+    cls = model_class(name)
+    return tuple(getattr(cls, "tasks", ("supervised", "weak") if "segment_scores" in cls.outputs else ("cml",)))
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 # --- memory -----------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up avel in ./.venv on a fresh machine. With --test, also the test tools: pytest, and (as root,
+# Set up avel in ./.venv on a fresh machine. With --test, also the test tools: pytest, hypothesis and
+# ruff (the test extra of pyproject.toml), and (as root,
 # through apt) Debian's chromium for the report's browser test and sound-theme-freedesktop for a
 # recorded real-world sound. Safe to run again: it only installs what is missing.
 set -euo pipefail

@@ -80,31 +80,29 @@ def _targets(node, name: str, is_package: bool, known: set[str]) -> list[str]:
     return out
 
 
+def _walk(node, name: str, is_package: bool, known: set[str], function: str | None, found: list[Import]) -> None:
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child):
+            continue
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            _walk(child, name, is_package, known, function or getattr(child, "name", "<lambda>"), found)
+            continue
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            targets = _targets(child, name, is_package, known)
+            if function is not None and not targets:
+                targets = [f"<external> {ast.unparse(child)}"]
+            for t in targets:
+                if t != name:
+                    found.append(Import(name, t, child.lineno, function is not None, function or ""))
+        _walk(child, name, is_package, known, function, found)
+
+
 def imports() -> list[Import]:
     mods = modules()
-    known = set(mods)
-    found = []
+    found: list[Import] = []
     for name, path in mods.items():
         tree = ast.parse(path.read_text(), filename=str(path))
-        is_package = path.name == "__init__.py"
-
-        def visit(node, function: str | None):
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.If) and _is_type_checking(child):
-                    continue
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                    visit(child, function or getattr(child, "name", "<lambda>"))
-                    continue
-                if isinstance(child, (ast.Import, ast.ImportFrom)):
-                    targets = _targets(child, name, is_package, known)
-                    if function is not None and not targets:
-                        targets = [f"<external> {ast.unparse(child)}"]
-                    for t in targets:
-                        if t != name:
-                            found.append(Import(name, t, child.lineno, function is not None, function or ""))
-                visit(child, function)
-
-        visit(tree, None)
+        _walk(tree, name, path.name == "__init__.py", set(mods), None, found)
     return found
 
 

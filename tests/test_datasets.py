@@ -66,3 +66,38 @@ def test_categories_txt_fixes_the_order(tmp_path, ave_dir):
 
     with pytest.raises(DataError, match="categories not in the class list"):
         AVEData.open(root)
+
+
+@pytest.mark.parametrize("breakage", ["2d_audio", "spec_not_json", "group", "complex", "string", "scalar",
+                                      "float_order", "huge"])
+def test_data_check_refuses_what_training_refuses(tmp_path, breakage):
+    """`avel data check` and training agree: a folder one refuses, the other refuses too."""
+    from _coredata import synth
+    from avel.data.checks import check_folder
+    from avel.data.errors import DataError
+
+    root = synth(tmp_path / "ave", videos=12, background_videos=0)
+    if breakage == "2d_audio":
+        write_h5(root / "audio_feature.h5", np.zeros((12, 160), np.float32))
+    elif breakage == "spec_not_json":
+        (root / "features.json").write_text("{not json")
+    elif breakage == "group":
+        (root / "audio_feature.h5").unlink()
+        with h5py.File(root / "audio_feature.h5", "w") as f:
+            f.create_group("avadataset")
+    elif breakage == "complex":
+        write_h5(root / "audio_feature.h5", np.zeros((12, 10, 16), np.complex64))
+    elif breakage == "string":
+        write_h5(root / "audio_feature.h5", np.array([b"x"] * 12))
+    elif breakage == "scalar":
+        write_h5(root / "audio_feature.h5", np.float32(3))
+    elif breakage == "float_order":
+        write_h5(root / "train_order.h5", np.array([0.5, 1.0, 2.0]), key="order")
+    elif breakage == "huge":
+        (root / "visual_feature.h5").unlink()
+        with h5py.File(root / "visual_feature.h5", "w") as f:      # ~10 KB on disk, 73 GiB declared
+            f.create_dataset("avadataset", shape=(12, 10, 7, 7, 4_000_000), dtype=np.float32, chunks=(1, 1, 1, 1, 1000))
+    with pytest.raises(DataError) as err:
+        AVEData.open(root).split("train")
+    assert str(root) in str(err.value)
+    assert check_folder(root, scan_values=False).problems

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import avel.features.decode as dec
-from _support.media import color_frames, decode_audio, tone
 from avel.features.decode import VideoDecodeError, VideoStream, decode_video, sample_times
 from avel.features.media import write_clip
+
+from _support.media import color_frames, decode_audio, tone
 
 RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 SOUNDS = Path("/usr/share/sounds/freedesktop/stereo")

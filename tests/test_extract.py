@@ -14,13 +14,21 @@ import h5py
 import numpy as np
 import pytest
 
+from avel.cli import main
 from avel.data.annotations import parse_annotations
 from avel.data.errors import DataError
 from avel.data.store import open_store
-from avel.cli import main
 from avel.features import audio_backbones, visual_backbones
-from avel.features.extract import (PARTS, VideoItem, collect_videos, extract, extract_video, merge_shards,
-                                   read_manifest, shard_from_env)
+from avel.features.extract import (
+    PARTS,
+    VideoItem,
+    collect_videos,
+    extract,
+    extract_video,
+    merge_shards,
+    read_manifest,
+    shard_from_env,
+)
 from avel.features.extract import video as extract_video_module
 from avel.features.media import write_clip
 

@@ -12,17 +12,24 @@ import numpy as np
 import pytest
 import torch
 
-from _support.reference_weights import generate_reference_weights
-from _support.resample_reference import resample_reference
 from avel import features as backbones
 from avel.features import weights as W
 from avel.features.backbones import efficientnet as effnet
-from avel.features.backbones.logmel import (EXAMPLE_FRAMES, LOG_OFFSET, NUM_BANDS, log_mel_spectrogram, mel_matrix,
-                                  segment_examples, waveform_to_examples)
+from avel.features.backbones.logmel import (
+    EXAMPLE_FRAMES,
+    LOG_OFFSET,
+    NUM_BANDS,
+    log_mel_spectrogram,
+    mel_matrix,
+    segment_examples,
+    waveform_to_examples,
+)
 from avel.features.backbones.vgg import KERAS_CONV_NAMES, VGG19, load_vgg19_weights
 from avel.features.backbones.vggish import VGGish
 from avel.features.resample import resample
 
+from _support.reference_weights import generate_reference_weights
+from _support.resample_reference import resample_reference
 
 # ---------------------------------------------------------------------------------------------- helpers
 

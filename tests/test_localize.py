@@ -11,8 +11,6 @@ import pytest
 import torch
 
 import avel
-from _support.media import tone
-from _support.png import read_png
 from avel import ModelCard, build_model
 from avel.cli import main
 from avel.engine import checkpoint
@@ -22,6 +20,9 @@ from avel.inference import Localization, LocalizeError, Localizer, Span, merge_s
 from avel.models.registry import complete_arguments, model_class
 from avel.spec import AVE_OFFICIAL, FeatureSpec, StreamSpec
 from avel.viz.attention import colormap, grid_image, overlay, upsample
+
+from _support.media import tone
+from _support.png import read_png
 
 CLASSES = ["Bell", "Bird", "Alarm", "background"]
 GRID = (2, 2)          # efficientnet-lite0 at 64x64 input: ceil(64 / 32) = 2

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _support.png import decode_png, read_png
 from avel.inference import Localization, merge_spans
 from avel.viz.images import encode_png, write_png
 from avel.viz.report import ReportEntry, render_report, write_report
+
+from _support.png import decode_png, read_png
 
 CHROMIUM = Path("/usr/bin/chromium")
 NAMES = ["Bell", "Bird", "background"]

@@ -63,3 +63,56 @@ def test_softmax_mlsm_is_multilabel_soft_margin_on_softmax():
     with pytest.raises(ValueError):
         segment_losses(logits, target, "hinge")
 
+
+
+# --- the model contract seen from the tasks -----------------------------------------------------------
+
+def _tiny_batch(B=4, T=10, C=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.randint(0, C, (B, T), generator=g)
+    return {"audio": torch.rand(B, T, 12, generator=g), "visual": torch.rand(B, T, 3, 3, 8, generator=g),
+            "target": torch.nn.functional.one_hot(cls, C).float(),
+            "video_label": torch.nn.functional.one_hot(cls[:, 0], C).float(), "index": torch.arange(B)}
+
+
+def test_weak_evaluation_reports_the_repository_rule_beside_the_model_rule():
+    """cmbs_weak decides with the corrected gate rule; the repository's degenerate rule is scored too."""
+    from avel.models import build_model
+    from avel.tasks import WeakTask
+
+    model = build_model("cmbs_weak", audio_dim=12, visual_dim=8, grid=(3, 3), num_classes=5, d_model=16).eval()
+    task = WeakTask()
+    batch = _tiny_batch()
+    with torch.no_grad():
+        pred = task.predict(model, batch)
+    repo = pred["repository_scores"].argmax(-1)                        # [B, T]
+    assert (repo == repo[:, :1]).all()                                  # constant along time: no localization
+    result = task.score(pred, [f"c{i}" for i in range(4)] + ["background"])
+    assert {"accuracy", "video_accuracy", "repository_rule_accuracy"} <= set(result)
+    by_hand = float((repo == batch["target"].argmax(-1).numpy()).mean())
+    assert result["repository_rule_accuracy"] == pytest.approx(by_hand)
+
+
+def test_model_loss_terms_replace_the_task_loss_and_take_recipe_weights():
+    from avel.models import build_model
+
+    model = build_model("psp", audio_dim=12, visual_dim=8, grid=(3, 3), num_classes=5).eval()
+    batch = _tiny_batch()
+    plain = SupervisedTask(loss="ce").loss_terms(model, batch)
+    assert set(plain) == {"cls", "avps"}
+    raw = model.loss_terms(model(batch["audio"], batch["visual"]), batch, "supervised")
+    torch.testing.assert_close(plain["avps"], 100 * raw["avps"])        # the class's weight (LAMBDA = 100)
+    reweighted = SupervisedTask(loss="ce", loss_weights={"avps": 1.0}).loss_terms(model, batch)
+    torch.testing.assert_close(reweighted["avps"], raw["avps"])
+    torch.testing.assert_close(reweighted["cls"], raw["cls"])
+
+
+def test_check_model_refuses_the_wrong_task_and_unknown_weights():
+    from avel.models import model_class
+    from avel.tasks import WeakTask, check_model
+
+    with pytest.raises(ValueError, match="trains the supervised task, not 'weak'"):
+        check_model(WeakTask(), model_class("cmbs"))
+    with pytest.raises(ValueError, match="not loss terms of 'psp'"):
+        check_model(SupervisedTask(loss_weights={"nope": 1.0}), model_class("psp"))
+    check_model(SupervisedTask(loss_weights={"avps": 10.0}), model_class("psp"))

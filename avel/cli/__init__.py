@@ -4,6 +4,6 @@ One module per command (``avel/cli/<command>.py``: ``add`` declares its argument
 library and prints); the option groups commands share are declared once in :mod:`.args`, and
 :func:`main` turns library errors into ``avel COMMAND: error: MESSAGE`` and an exit code.
 """
-from .main import build_parser, main
+from .app import build_parser, main
 
 __all__ = ["build_parser", "main"]

@@ -12,7 +12,9 @@ import h5py
 import numpy as np
 
 from .annotations import parse_annotations
+from .datasets import AVEData
 from .errors import DataError
+from .store import H5Rows
 
 FEATURE_FILES = ("audio_feature.h5", "visual_feature.h5", "visual_feature_vec.h5", "labels.h5",
                  "mil_labels.h5", "labels_closs.h5", "audio_feature_noisy.h5", "visual_feature_noisy.h5",
@@ -115,24 +117,23 @@ def check_folder(root: str | Path, *, scan_values: bool = True, chunk: int = 64)
         if not path.is_file():
             continue
         try:
-            with h5py.File(path, "r") as f:
-                if "avadataset" not in f:
-                    rep.problems.append(f"{name}: no dataset 'avadataset' (has {', '.join(f.keys())})")
-                    continue
-                ds = f["avadataset"]
-                info = {"shape": list(ds.shape), "dtype": str(ds.dtype)}
-                shapes[name] = ds.shape
-                if scan_values:
-                    nonfinite = 0
-                    for lo in range(0, ds.shape[0], chunk):
-                        block = ds[lo:lo + chunk]
-                        nonfinite += int(block.size - np.isfinite(block).sum())
-                    info["nonfinite"] = nonfinite
-                    if nonfinite:
-                        rep.problems.append(f"{name}: {nonfinite} NaN/Inf values")
-                rep.files[name] = info
-        except OSError as e:
-            rep.problems.append(f"{name}: not a readable HDF5 file ({e})")
+            rows = H5Rows(path)                  # the reader's own rules: dataset, numbers, sane sizes
+        except DataError as e:
+            rep.problems.append(str(e))
+            continue
+        info = {"shape": list(rows.shape), "dtype": str(rows.dtype)}
+        shapes[name] = rows.shape
+        if scan_values:
+            nonfinite = 0
+            ds = rows._dataset()
+            for lo in range(0, rows.shape[0], chunk):
+                block = ds[lo:lo + chunk]
+                nonfinite += int(block.size - np.isfinite(block).sum())
+            rows.close()
+            info["nonfinite"] = nonfinite
+            if nonfinite:
+                rep.problems.append(f"{name}: {nonfinite} NaN/Inf values")
+        rep.files[name] = info
     for name, shape in shapes.items():
         if "noisy" in name:
             continue
@@ -150,6 +151,14 @@ def check_folder(root: str | Path, *, scan_values: bool = True, chunk: int = 64)
     missing = [f for f in ("audio_feature.h5", "visual_feature.h5") if f not in shapes]
     if missing:
         rep.notes.append(f"not here: {', '.join(missing)} (the large release files; training needs them)")
+    elif not rep.problems:
+        # The folder as training opens it (features.json, shapes, spec, label widths): check passes
+        # only what trains.
+        try:
+            data = AVEData.open(root)
+            data.targets, data.video_labels   # noqa: B018 - read (and shape-check) the label files
+        except DataError as e:
+            rep.problems.append(str(e))
     return rep
 
 

@@ -147,7 +147,10 @@ def model_arguments_for(config: RunConfig, data_dims: dict) -> dict:
     if clash:
         detail = "; ".join(f"{k}={a!r} but the data has {b!r}" for k, (a, b) in clash.items())
         raise ValueError(f"model_kwargs contradict the data: {detail} (drop them: dimensions come from the data)")
-    return complete_arguments(config.model, {**config.model_kwargs, **data_dims})
+    try:
+        return complete_arguments(config.model, {**config.model_kwargs, **data_dims})
+    except TypeError as e:                  # an unknown constructor argument in model_kwargs
+        raise ValueError(f"model_kwargs: {e}") from None
 
 
 def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progress: bool,

@@ -180,7 +180,7 @@ class VideoStream:
         self._gen.close()
         self._container.close()
 
-    def __enter__(self) -> "VideoStream":
+    def __enter__(self) -> VideoStream:
         return self
 
     def __exit__(self, *exc) -> None:

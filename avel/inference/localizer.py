@@ -20,8 +20,9 @@ longer video is still one pass, a 3 s video is three segments.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import av
 import numpy as np

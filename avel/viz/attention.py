@@ -7,8 +7,8 @@ a grid of all seconds, and optionally an mp4 where every frame of a second carri
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -10,7 +10,6 @@ from PIL import Image
 from ..io import atomic_write
 
 
-
 def encode_png(image: np.ndarray, *, level: int = 6) -> bytes:
     """uint8 [H, W] (grey) or [H, W, 1|2|3|4] -> PNG bytes (zlib ``level``)."""
     img = np.asarray(image)

@@ -1,8 +1,8 @@
 """Media helpers only the tests use: solid-colour frames, sine tones, audio-only decoding."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ...data.annotations import parse_annotations, read_lines
 from ...data.errors import DataError

@@ -37,9 +37,9 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 from tqdm import tqdm
 
@@ -50,8 +50,17 @@ from ...spec import FeatureSpec, StreamSpec
 from ..decode import VideoDecodeError, VideoStream
 from .inputs import VideoItem, as_items
 from .video import DEFAULT_CHUNK_SECONDS, DecodeFailure, Prefetch, frame_size_for, sample_rate_for, stream_features
-from .writer import (PARTS, ExtractResult, finalize, meta_array, part_done, part_path, read_manifest, shard_dir,
-                     write_part)
+from .writer import (
+    PARTS,
+    ExtractResult,
+    finalize,
+    meta_array,
+    part_done,
+    part_path,
+    read_manifest,
+    shard_dir,
+    write_part,
+)
 
 log = logging.getLogger(__name__)
 

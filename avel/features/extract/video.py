@@ -10,14 +10,15 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from ..decode import DecodedVideo, VideoStream
+
 
 @dataclass
 class VideoFeatures:
