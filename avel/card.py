@@ -62,7 +62,7 @@ class ModelCard:
         g = self.model_kwargs.get("grid")
         return None if g is None else tuple(g)
 
-    def replace(self, **changes) -> "ModelCard":
+    def replace(self, **changes) -> ModelCard:
         return dataclasses.replace(self, **changes)
 
     # --- config.json ----------------------------------------------------------------------------
@@ -82,7 +82,7 @@ class ModelCard:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, *, where: str = "config.json") -> "ModelCard":
+    def from_dict(cls, d: Any, *, where: str = "config.json") -> ModelCard:
         if not isinstance(d, dict):
             raise CardError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if not isinstance(d.get("model"), str):

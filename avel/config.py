@@ -75,7 +75,7 @@ class RunConfig:
         return _plain(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d, *, where: str = "config") -> "RunConfig":
+    def from_dict(cls, d, *, where: str = "config") -> RunConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a mapping of config keys, got {type(d).__name__}")
         d = dict(d)
@@ -92,7 +92,7 @@ class RunConfig:
                 config = _set(config, (prefix + str(key)).split("."), value, prefix + str(key), where)
         return config.validated(where)
 
-    def validated(self, where: str = "config") -> "RunConfig":
+    def validated(self, where: str = "config") -> RunConfig:
         """Refuse values no run can use (checked once, wherever the config came from)."""
         checks = [
             (self.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
@@ -121,7 +121,7 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "RunConfig":
+    def from_yaml(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         try:
             raw = yaml.safe_load(path.read_text())

@@ -26,7 +26,7 @@ class StreamSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StreamSpec":
+    def from_dict(cls, d: dict) -> StreamSpec:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         known["grid"] = tuple(known.get("grid", ()))
         known["input_size"] = tuple(known.get("input_size", ()))
@@ -43,10 +43,10 @@ class FeatureSpec:
         return {"audio": self.audio.to_dict(), "visual": self.visual.to_dict(), **({"extra": self.extra} if self.extra else {})}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureSpec":
+    def from_dict(cls, d: dict) -> FeatureSpec:
         return cls(StreamSpec.from_dict(d["audio"]), StreamSpec.from_dict(d["visual"]), dict(d.get("extra", {})))
 
-    def compatible_with(self, other: "FeatureSpec") -> list[str]:
+    def compatible_with(self, other: FeatureSpec) -> list[str]:
         """Reasons these features cannot feed a model trained on ``other`` (empty when they can)."""
         problems = []
         for name in ("audio", "visual"):

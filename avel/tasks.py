@@ -150,8 +150,7 @@ class WeakTask(SupervisedTask):
     def predict(self, model, batch: dict) -> dict[str, np.ndarray]:
         out = model(batch["audio"], batch["visual"])
         pred = super().predict(_Precomputed(out), batch)
-        video = out["video_logits"] if "video_logits" in out else out["logits"].max(dim=1).values
-        pred["video_scores"] = video.float().softmax(-1).cpu().numpy()
+        pred["video_scores"] = video_scores(out).float().cpu().numpy()
         pred["video_label"] = batch["video_label"].cpu().numpy()
         return pred
 
@@ -159,6 +158,17 @@ class WeakTask(SupervisedTask):
         result = super().score(out, class_names)
         result["video_accuracy"] = metrics.video_accuracy(out["video_scores"], out["video_label"])
         return result
+
+
+def video_scores(out: dict) -> torch.Tensor:
+    """A weak model's video prediction [B, C]: its own pooled ``video_logits`` when it has them, else
+    the 2018 rule (max over time of the segment logits), else the best segment score of each class."""
+    if "video_logits" in out:
+        return out["video_logits"].softmax(-1)
+    if "logits" in out:
+        return out["logits"].max(dim=1).values.softmax(-1)
+    best = out["segment_scores"].max(dim=1).values                       # [B, C]
+    return best / best.sum(-1, keepdim=True).clamp_min(torch.finfo(best.dtype).tiny)
 
 
 @dataclass

@@ -105,7 +105,7 @@ class Flops:
     train: float = 0.0            # what runs: forward + backward, no gradient of the data
     train_x3: float = 0.0         # the plain 3 x forward convention
 
-    def __add__(self, o: "Flops") -> "Flops":
+    def __add__(self, o: Flops) -> Flops:
         return Flops(self.forward + o.forward, self.train + o.train, self.train_x3 + o.train_x3)
 
 
@@ -241,7 +241,7 @@ def counted_flops(forward_loss, backward=None) -> Flops:
     with counter:
         loss = forward_loss()
         fwd = counter.get_total_flops()
-        (backward or (lambda l: l.backward()))(loss)
+        (backward or (lambda loss_: loss_.backward()))(loss)
         total = counter.get_total_flops()
     return Flops(float(fwd), float(total), 3.0 * fwd)
 

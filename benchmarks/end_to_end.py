@@ -184,10 +184,11 @@ def evict(root: Path) -> None:
 # --- measurements (each in its own process) ------------------------------------------------------------
 
 def child(mode: str, root: Path, out: Path, threads: int, model: str) -> dict:
+    from dataclasses import replace
+
     import torch
 
     from avel.config import recipe
-    from dataclasses import replace
 
     torch.set_num_threads(threads)
     cfg = recipe("original")

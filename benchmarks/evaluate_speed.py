@@ -83,9 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--latency-calls", type=int, default=30)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/avel-eval"))
     args = p.parse_args(argv)
-    from avel import Localizer
+    from avel import Localizer, ModelCard
     from avel.engine.evaluate import evaluate
     from avel.models import build_model
+    from avel.models.registry import complete_arguments, model_class
     from avel.tasks import SupervisedTask
 
     print_header(f"evaluation of {args.videos} videos and localization latency (batch of 1)")
@@ -116,7 +117,9 @@ def main(argv=None) -> int:
                              "time": median(times), "unit": "s", "frac": 100 * median(fracs)})
                 print(f"{name:7s} threads={th}  evaluate {args.videos} videos ({label}): {median(times):.3f} s "
                       f"({100 * median(fracs):.0f}% of matmul rate)", flush=True)
-            loc = Localizer(model)
+            card = ModelCard(model=name, model_kwargs=complete_arguments(name, {"num_classes": C}),
+                             class_names=tuple(names), outputs=model_class(name).outputs)
+            loc = Localizer(model, card)
             loc.localize((audio[0], visual[0]))
             lat = []
             for i in range(args.latency_calls):

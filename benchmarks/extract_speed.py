@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from avel.features.backbones import audio_backbones, build_audio_backbone, build_visual_backbone, visual_backbones
+from avel.features import audio_backbones, build_audio_backbone, build_visual_backbone, visual_backbones
 from avel.features.decode import decode_video
 from avel.features.extract import collect_videos, extract
 from avel.features.media import write_clip

@@ -37,15 +37,30 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Flops, MatmulRate, all_threads, ave_batch, clock_for, clock_name,  # noqa: E402
-                    counted_flops, has_analytic_flops, median, model_flops, model_tasks, param_count,
-                    print_header, segment_models, set_threads, sync, table)
+from common import (  # noqa: E402
+    Flops,
+    MatmulRate,
+    all_threads,
+    ave_batch,
+    clock_for,
+    clock_name,
+    counted_flops,
+    has_analytic_flops,
+    median,
+    model_flops,
+    model_tasks,
+    param_count,
+    print_header,
+    segment_models,
+    set_threads,
+    sync,
+    table,
+)
 
 from avel.config import RunConfig  # noqa: E402
 from avel.engine.train import make_optimizer  # noqa: E402
-from avel.models import build_model  # noqa: E402
+from avel.models import build_model, model_class  # noqa: E402
 from avel.tasks import build_task, check_model  # noqa: E402
-from avel.models import model_class  # noqa: E402
 
 
 def model_task(name: str):
@@ -170,12 +185,12 @@ def main(argv=None) -> int:
     if analytic:
         print(f"# FLOPs analytic (benchmarks/common.py model_flops) for {', '.join(analytic)}")
     if counted:
-        print(f"# FLOPs COUNTED, not analytic, for {', '.join(counted)}: torch.utils.flop_counter.FlopCounterMode "
-              f"over one real training step (forward + loss + backward of this batch; matmul/bmm and LSTM "
-              f"kernels as dispatched, elementwise work and the optimizer not counted). The backward part "
-              f"includes the gradient of nothing but the weights (and the activation gradients on the way "
-              f"to them) as actually run: no gradient of the input data, except that the CPU oneDNN LSTM "
-              f"kernel always computes its input's gradient, which is counted since it runs")
+        print(f"# FLOPs COUNTED, not analytic, for {', '.join(counted)}:\n"
+              "#   torch.utils.flop_counter.FlopCounterMode over one real training step (forward + loss +\n"
+              "#   backward of this batch; matmul/bmm and LSTM kernels as dispatched; elementwise work and the\n"
+              "#   optimizer not counted). The backward includes the gradient of nothing but the weights (and the\n"
+              "#   activation gradients on the way to them) as actually run: no gradient of the input data, except\n"
+              "#   that the CPU oneDNN LSTM kernel always computes its input's gradient (counted: it runs)")
     if args.reference and "av_att" in models:
         models.insert(models.index("av_att") + 1, "av_att:reference")
     threads = [all_threads() if t == "all" else int(t) for t in args.threads.split(",")] if args.device == "cpu" else [0]

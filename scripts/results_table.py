@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -203,7 +202,7 @@ def run_cell(cell: Cell, out: Path, *, epochs_override: int | None = None, run_d
         "train_seconds": round(sum(r.get("train_seconds", 0.0) for r in history), 2),
         "val_seconds": round(sum(r.get("val_seconds", 0.0) for r in history), 2),
         "val": run["val"], "test": run["test"], "overrides": overrides,
-        "command": command_of(cell, root, overrides, run_dir), "config": config.to_dict(),
+        "command": command_of(cell, root, overrides, run_dir), "config": config.to_dict(), "code": code_version(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -241,6 +240,28 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+_CODE: dict | None = None
+
+
+def code_version() -> dict:
+    """The commit and a hash of the uncommitted changes to avel/ (the tree is shared and edited)."""
+    global _CODE
+    if _CODE is None:
+        import hashlib
+        import subprocess
+
+        repo = Path(__file__).resolve().parent.parent
+        try:
+            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                                  text=True, check=True).stdout.strip()
+            diff = subprocess.run(["git", "diff", "HEAD", "--", "avel"], cwd=repo, capture_output=True,
+                                  text=True, check=True).stdout
+            _CODE = {"commit": head, "avel_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None}
+        except (OSError, subprocess.CalledProcessError):
+            _CODE = {"commit": None, "avel_diff_sha1": None}
+    return _CODE
+
+
 def log(msg: str) -> None:
     print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -255,20 +276,29 @@ def load_measure(out: Path) -> dict:
 def estimate(cell: Cell, measure: dict) -> float | None:
     """Seconds a cell should take: fixed cost + epochs x (train epoch + validation / eval_every)."""
     m = measure.get(f"{cell.size}__{cell.model}__{cell.task}__{cell.recipe}")
-    if m is None:
-        return None
+    if m is None:                                      # the other recipe at this size, scaled as at 400
+        other = "modern" if cell.recipe != "modern" else home_recipe(cell.model, cell.task)
+        o = measure.get(f"{cell.size}__{cell.model}__{cell.task}__{other}")
+        a = measure.get(f"400__{cell.model}__{cell.task}__{cell.recipe}")
+        b = measure.get(f"400__{cell.model}__{cell.task}__{other}")
+        if not (o and a and b):
+            return None
+        m = {k: o[k] * a[k] / max(b[k], 1e-3) for k in ("train_seconds", "val_seconds")}
+        m["fixed_seconds"] = o["fixed_seconds"]
     base = resolve_run_config(recipe_name=cell.recipe, task=cell.task, model=cell.model)
     epochs = min(base.epochs, cell.cap) if cell.cap else base.epochs
     per_epoch = m["train_seconds"] + m["val_seconds"] / base.eval_every
     return m["fixed_seconds"] + epochs * per_epoch
 
 
-def measure(out: Path, sizes) -> None:
+def measure(out: Path, sizes, recipes: str = "both") -> None:
     """One epoch of every (model, task, recipe) at each size (stored in OUT/measure.json)."""
     result = load_measure(out)
     for size in sizes:
         for model, task in segment_models():
             for rec in (home_recipe(model, task), "modern"):
+                if recipes != "both" and (rec == "modern") != (recipes == "modern"):
+                    continue
                 key = f"{size}__{model}__{task}__{rec}"
                 if key in result:
                     continue
@@ -336,8 +366,10 @@ def markdown(out: Path, argv_hint: str) -> str:
             elif state == "failed":
                 failures.append(rec_json)
                 missing.append(f"seed {c.seed} failed")
-            elif state == "stale":
-                missing.append(f"seed {c.seed} stale (recipe changed since it ran)")
+            elif state == "stale":                      # shown, but said: a rerun redoes it
+                done.append(rec_json)
+                notes.append(f"{c.name}: ran with another config than {c.recipe} resolves to now (the recipe "
+                             "was changed since); a rerun redoes it")
             else:
                 missing.append(f"seed {c.seed} not run")
         label = f"{MODEL_LABEL.get(model, model)} (`{model}`)"
@@ -395,6 +427,9 @@ def main() -> int:
     mode.add_argument("--plan", action="store_true", help="print the cells, their state and estimated seconds")
     mode.add_argument("--measure", action="store_true", help="time one epoch of every model at each size")
     ap.add_argument("--sizes", default="400,ave", help="sizes to measure (--measure)")
+    ap.add_argument("--recipes", choices=["both", "home", "modern"], default="both",
+                    help="recipes to measure (--measure); a recipe not measured at a size is estimated "
+                         "from the other one, scaled as at 400 videos")
     ap.add_argument("--stop-after", type=float, default=0.0,
                     help="start no new cell after this many minutes (0 = no limit); unstarted cells stay to do")
     ap.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
@@ -410,7 +445,7 @@ def main() -> int:
         print(markdown(out, hint), end="")
         return 0
     if args.measure:
-        measure(out, [s for s in args.sizes.split(",") if s])
+        measure(out, [s for s in args.sizes.split(",") if s], args.recipes)
         return 0
     cells = plan()
     meas = load_measure(out)

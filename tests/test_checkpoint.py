@@ -2,30 +2,21 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import avel
-from _coredata import TINY_MODEL, quick_config, read_jsonl, synth
-from avel import metrics
-from avel.config import ConfigError, RunConfig, apply_overrides, recipe, resolve_run_config
 from avel.data.datasets import AVEData
 from avel.engine import checkpoint
-from avel.engine.evaluate import evaluate
 from avel.engine.train import train
 from avel.io import atomic_write
-from avel.tasks import SupervisedTask, build_task, segment_losses
 
+from _coredata import quick_config, synth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,9 +123,8 @@ def _card(folder: Path) -> dict:
                                   "unknown_kwarg", "wrong_type", "huge_hidden", "truncated", "lying_header",
                                   "old_layout_not_json"])
 def test_broken_checkpoint_folders_fail_with_one_clear_error(tmp_path, good_run, case):
-    import time
-
     import resource
+    import time
 
     folder = _copy(good_run, tmp_path / "ckpt")
     state = load_file(str(folder / "model.safetensors"))

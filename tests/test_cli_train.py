@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import avel
-from _coredata import TINY_MODEL, quick_config, read_jsonl, synth
 from avel import metrics
-from avel.config import ConfigError, RunConfig, apply_overrides, recipe, resolve_run_config
 from avel.data.datasets import AVEData
-from avel.engine import checkpoint
-from avel.engine.evaluate import evaluate
 from avel.engine.train import train
-from avel.tasks import SupervisedTask, build_task, segment_losses
 
+from _coredata import TINY_MODEL, quick_config, synth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,8 +34,6 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-from avel.cli import build_parser, main
 
 
 def _run_cli(*args) -> subprocess.CompletedProcess:
@@ -90,7 +82,7 @@ def test_checkpoint_refuses_features_of_another_spec(tmp_path, data_root, capsys
     rc = main(["evaluate", "--data-root", str(other), "--checkpoint", str(run), "--json"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "do not match checkpoint" in err and "visual dim" in err and "24" in err and "16" in err
+    assert "do not fit checkpoint" in err and "visual" in err and "24" in err and "16" in err
     # Same shapes, another backbone: refused for the spec, not for a shape error.
     relabeled = shutil.copytree(data_root, tmp_path / "relabeled")
     spec = json.loads((relabeled / "features.json").read_text())
@@ -105,10 +97,10 @@ def test_checkpoint_refuses_features_of_another_spec(tmp_path, data_root, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "classes" in err and "differ" in err
     # The official class list matches the real release's (what converted checkpoints record).
-    from avel.cli import _ave_class_names
+    from avel.compat import ave_class_names
     from avel.data.annotations import parse_annotations
 
-    assert _ave_class_names() == parse_annotations(ave_dir / "Annotations.txt").class_names
+    assert list(ave_class_names()) == parse_annotations(ave_dir / "Annotations.txt").class_names
     # The matching folder is accepted.
     assert main(["evaluate", "--data-root", str(data_root), "--checkpoint", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["videos"] > 0

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from _coredata import quick_config, synth
 from avel import load, metrics
 from avel.cli import main
 from avel.data.datasets import AVEData, Batches, GridMeanRows, PairRows
@@ -20,6 +19,7 @@ from avel.models import build_model
 from avel.models.cml import KERAS_EPSILON, pairwise_distance
 from avel.tasks import CrossModalTask, VideoVectors, build_task
 
+from _coredata import quick_config, synth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

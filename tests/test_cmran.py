@@ -10,11 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from avel.models import cmran
-from avel.models.registry import model_class
+from avel.models.cmbs import RegionSelfAttention
 from avel.models.cmran import (
-    CMRAN, CMRANWeak, RegionSelfAttention, open_gate_scores, reference_event_class_loss,
-    reference_weak_loss, segment_event_targets,
+    CMRAN,
+    CMRANWeak,
+    open_gate_scores,
+    reference_event_class_loss,
+    reference_weak_loss,
+    segment_event_targets,
 )
+from avel.models.registry import model_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

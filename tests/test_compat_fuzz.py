@@ -15,8 +15,6 @@ from collections import OrderedDict
 
 import pytest
 import torch
-
-hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -2,29 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 import avel
-from _coredata import TINY_MODEL, quick_config, read_jsonl, synth
-from avel import metrics
 from avel.config import ConfigError, RunConfig, apply_overrides, recipe, resolve_run_config
-from avel.data.datasets import AVEData
-from avel.engine import checkpoint
-from avel.engine.evaluate import evaluate
-from avel.engine.train import train
-from avel.tasks import SupervisedTask, build_task, segment_losses
 
+from _coredata import synth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,10 +7,11 @@ import h5py
 import numpy as np
 import pytest
 
-from _coredata import quick_config, write_h5
 from avel.data.annotations import ave_categories, parse_annotations
 from avel.data.datasets import AVEData
 from avel.engine.train import train
+
+from _coredata import quick_config, write_h5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,9 +73,10 @@ def test_categories_txt_fixes_the_order(tmp_path, ave_dir):
                                       "float_order", "huge"])
 def test_data_check_refuses_what_training_refuses(tmp_path, breakage):
     """`avel data check` and training agree: a folder one refuses, the other refuses too."""
-    from _coredata import synth
     from avel.data.checks import check_folder
     from avel.data.errors import DataError
+
+    from _coredata import synth
 
     root = synth(tmp_path / "ave", videos=12, background_videos=0)
     if breakage == "2d_audio":

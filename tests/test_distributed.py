@@ -98,3 +98,13 @@ def test_two_processes_match_one(root: Path, tmp_path: Path, batch: int, optim: 
     # Rank 0 alone wrote: the same files, one metrics line per epoch.
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
     assert len((two / "metrics.jsonl").read_text().splitlines()) == EPOCHS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
+                    or not torch.distributed.is_nccl_available(), reason="needs two CUDA GPUs with NCCL")
+def test_two_gpus_with_nccl_get_through_training(root: Path, tmp_path: Path):
+    """NCCL reduces only CUDA tensors: the epoch-end reductions must live on the rank's GPU."""
+    args = _train_args(root, tmp_path / "gpu", 6, "adam") + ["--device", "cuda"]
+    _run(args, 2, tmp_path)
+    assert len(_records(tmp_path / "gpu")) == EPOCHS
+

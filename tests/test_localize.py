@@ -9,6 +9,8 @@ import av
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import avel
 from avel import ModelCard, build_model
@@ -95,6 +97,24 @@ def test_merge_spans_hand_computed():
     assert spans[0].duration == 2
     assert merge_spans(np.tile([0.1, 0.1, 0.1, 0.7], (5, 1)), CLASSES) == []
     assert merge_spans(np.tile([0.9, 0.0, 0.0, 0.1], (4, 1)), CLASSES)[0] == Span(0, 4, "Bell", pytest.approx(0.9), 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=30), st.integers(0, 2**32 - 1))
+def test_spans_are_the_runs_of_the_labels(labels, seed):
+    """Any label sequence: the spans tile exactly its non-background runs, each scored by its mean."""
+    rng = np.random.default_rng(seed)
+    probs = rng.uniform(0, 0.2, (len(labels), len(CLASSES)))
+    probs[np.arange(len(labels)), labels] = 1.0
+    spans = merge_spans(probs, CLASSES)
+    covered = [3] * len(labels)
+    for s in spans:
+        assert s.start < s.end and s.label == CLASSES[s.index] and s.index != 3
+        assert s.score == pytest.approx(probs[s.start:s.end, s.index].mean())
+        covered[s.start:s.end] = [s.index] * s.duration
+    assert covered == labels
+    for a, b in zip(spans, spans[1:]):
+        assert a.end <= b.start and (a.end < b.start or a.index != b.index)     # maximal runs
 
 
 # ---------------------------------------------------------------------------------------------- variable length

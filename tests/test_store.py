@@ -8,12 +8,13 @@ import h5py
 import numpy as np
 import pytest
 
-from _coredata import synth, write_h5
 from avel.cli import main
 from avel.data.checks import check_folder
 from avel.data.datasets import AVEData
 from avel.data.errors import DataError
 from avel.data.store import H5Rows, NpyRows, open_store, pack, read_spec
+
+from _coredata import synth, write_h5
 
 
 @pytest.fixture(scope="module")

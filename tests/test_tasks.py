@@ -1,30 +1,17 @@
 """Task losses: the 2018 loss, cross-entropy, and the loss-term hook."""
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import avel
-from _coredata import TINY_MODEL, quick_config, read_jsonl, synth
-from avel import metrics
-from avel.config import ConfigError, RunConfig, apply_overrides, recipe, resolve_run_config
-from avel.data.datasets import AVEData
-from avel.engine import checkpoint
-from avel.engine.evaluate import evaluate
-from avel.engine.train import train
-from avel.tasks import SupervisedTask, build_task, segment_losses
+from avel.tasks import SupervisedTask, segment_losses
 
+from _coredata import synth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,3 +103,17 @@ def test_check_model_refuses_the_wrong_task_and_unknown_weights():
     with pytest.raises(ValueError, match="not loss terms of 'psp'"):
         check_model(SupervisedTask(loss_weights={"nope": 1.0}), model_class("psp"))
     check_model(SupervisedTask(loss_weights={"avps": 10.0}), model_class("psp"))
+
+
+@pytest.mark.parametrize("name", [m for m in avel.available_models()
+                                  if "weak" in getattr(avel.models.model_class(m), "tasks", ())])
+def test_every_weak_model_gives_video_scores(name):
+    from avel.models import build_model
+    from avel.tasks import WeakTask
+
+    kwargs = dict(audio_dim=12, visual_dim=8, grid=(3, 3), num_classes=5)
+    model = build_model(name, **kwargs).eval()
+    with torch.no_grad():
+        pred = WeakTask().predict(model, _tiny_batch())
+    assert pred["video_scores"].shape == (4, 5) and np.isfinite(pred["video_scores"]).all()
+    np.testing.assert_allclose(pred["video_scores"].sum(-1), 1.0, rtol=1e-5)

@@ -4,27 +4,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import avel
-from _coredata import TINY_MODEL, quick_config, read_jsonl, synth
-from avel import metrics
-from avel.config import ConfigError, RunConfig, apply_overrides, recipe, resolve_run_config
+from avel.config import apply_overrides
 from avel.data.datasets import AVEData
+from avel.data.errors import DataError
 from avel.engine import checkpoint
 from avel.engine.evaluate import evaluate
 from avel.engine.train import train
-from avel.tasks import SupervisedTask, build_task, segment_losses
+from avel.tasks import build_task
 
+from _coredata import TINY_MODEL, quick_config, read_jsonl, synth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,7 +133,7 @@ def test_best_on_validation_and_test_split_untouched(tmp_path, data_root, monkey
     task = build_task(cfg)
     val, _ = evaluate(model, task, task.eval_source(data, "val"), data.class_names)
     assert val["accuracy"] == pytest.approx(saved["val_metrics"]["accuracy"])
-    with pytest.raises(Exception):
+    with pytest.raises(DataError):
         real_split(data, "test")                                # it really is unreadable
 
 

@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from _coredata import quick_config, synth
 from avel import load
 from avel.cli import main
 from avel.config import apply_overrides
 from avel.data.datasets import AVEData, Batches, ConcatRows, SegmentRows
 from avel.data.errors import DataError
 from avel.engine.checkpoint import read_card
-from avel.models.heads import scored
 from avel.engine.evaluate import evaluate
 from avel.engine.train import train
 from avel.models import build_model
+from avel.models.heads import scored
 from avel.tasks import WeakTask, build_task
 
+from _coredata import quick_config, synth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import torch
 
-from ..data.errors import DataError
 from ..card import Loaded, ModelCard
+from ..data.errors import DataError
 from ..models import build_model
 from ..models.registry import complete_arguments, model_class
 from ..spec import AVE_OFFICIAL

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
 
 from ..card import Loaded, ModelCard
 from ..data.annotations import ave_categories
 from ..models import build_model
-from ..spec import AVE_OFFICIAL
 from ..models.registry import available_models, complete_arguments, model_class
+from ..spec import AVE_OFFICIAL
+from .keras import load_keras_cml
 from .limits import (
     DEFAULT_LIMITS,
     Limits,
@@ -33,7 +34,6 @@ from .limits import (
     UnsafeCheckpointError,
     brief,
 )
-from .keras import load_keras_cml
 from .readers import OFFICIAL_CLASSES, OriginalCheckpoint, class_kinds, read_original
 
 __all__ = ["KINDS", "OFFICIAL_CLASSES", "OriginalCheckpoint", "OriginalCheckpointError",

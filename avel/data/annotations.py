@@ -7,13 +7,13 @@ a category is the order of its first appearance; background is the last index (2
 from __future__ import annotations
 
 import functools
-from importlib.resources import files
-
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
+from ..layout import CATEGORIES
 from .errors import DataError
 
 HEADER_FIRST_FIELD = {"category", "event", "class"}
@@ -133,7 +133,7 @@ def ave_categories() -> tuple[str, ...]:
 def class_order(root: str | Path, seen: list[str]) -> list[str] | None:
     """The class list of a data folder: its ``categories.txt``, else the AVE order when every category
     is an AVE one (so a subset of the release keeps the official indices), else None (first appearance)."""
-    path = Path(root) / "categories.txt"
+    path = Path(root) / CATEGORIES
     if path.is_file():
         return read_categories(path)
     if seen and set(seen) <= set(ave_categories()):

@@ -33,7 +33,7 @@ class AVEData:
     store: FeatureStore
 
     @classmethod
-    def open(cls, root: str | Path, *, layout: str = "auto") -> "AVEData":
+    def open(cls, root: str | Path, *, layout: str = "auto") -> AVEData:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: data folder not found")
@@ -106,7 +106,7 @@ class AVEData:
             raise DataError(f"{path}: order index {int(bad[0])} out of range [0, {len(self.annotations)})")
         return order
 
-    def visual_vectors(self) -> "H5Rows | None":
+    def visual_vectors(self) -> H5Rows | None:
         path = self.root / "visual_feature_vec.h5"
         if not path.is_file():
             return None

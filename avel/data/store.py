@@ -27,6 +27,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from ..io import atomic_output, atomic_write
 from ..layout import H5_KEY, PACKED_DIR, SPEC_FILE
@@ -228,10 +229,8 @@ class NpyRows(_ProcessLocal):
 def _widen(src: np.ndarray, dst: np.ndarray) -> None:
     """dst[...] = src as float32; torch's vectorised conversion is several times numpy's for float16."""
     try:
-        import torch
-
         torch.from_numpy(dst).copy_(torch.from_numpy(src))
-    except (ImportError, TypeError, RuntimeError):
+    except (TypeError, RuntimeError):
         dst[...] = src
 
 

@@ -21,6 +21,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def is_writer() -> bool:
+    """Whether this process writes the run folder: rank 0 of a torchrun job, or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_from_env(device: str) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -7,26 +7,28 @@ Under torchrun each rank takes its slice of every global batch and only rank 0 w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
+from ..card import ModelCard
 from ..config import RunConfig
 from ..data.datasets import AVEData, Batches, auto_prefetch
-from ..card import ModelCard
 from ..io import FolderLock, atomic_write, remove_stale_temporaries
 from ..models.registry import build_model, complete_arguments, model_class
 from ..tasks import build_task, check_model
 from . import checkpoint
-from .distributed import all_reduce_sum, barrier, broadcast_object, init_from_env
+from .distributed import all_reduce_sum, barrier, broadcast_object, init_from_env, is_writer
 from .evaluate import evaluate
 
 log = logging.getLogger(__name__)
@@ -112,8 +114,10 @@ def train(config: RunConfig, out_dir: str | Path, *, resume: bool = False, devic
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: --out is a file, not a run folder")
+    # Only the writing process (rank 0 under torchrun) holds the run folder.
+    lock = FolderLock(out_dir) if is_writer() else contextlib.nullcontext()
     try:
-        with FolderLock(out_dir):
+        with lock:
             return _train(config, out_dir, resume=resume, device=device, progress=progress, callbacks=callbacks)
     finally:
         torch.set_num_threads(threads)  # the process's setting is the caller's, not the run's
@@ -282,7 +286,6 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
 def _progress(epochs, enabled: bool, config: RunConfig):
     if not enabled:
         return epochs
-    from tqdm.auto import tqdm
 
     return tqdm(epochs, desc=f"{config.model}/{config.task}", unit="epoch", dynamic_ncols=True)
 

@@ -17,29 +17,37 @@ from .heads import CLASSIFIER_OUTPUTS, scored
 from .registry import register_model
 
 
-@register_model("audio")
-class AudioOnly(nn.Module):
+class _Baseline(nn.Module):
+    """The constructor of A, V and A+V: the BiLSTM of each modality in ``streams``, then the head.
+
+    The head reads the concatenation of the streams' BiLSTM outputs (audio first), 2h each.
+    """
+
     outputs = CLASSIFIER_OUTPUTS
+    streams: tuple[str, ...] = ()                # "audio" and/or "video", in build (and concat) order
 
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
                  num_classes: int = 29, hidden: int = 128, head_hidden: int = 64):
         super().__init__()
-        self.lstm_audio = bilstm(audio_dim, hidden)
-        self.head = SegmentHead(in_dim=2 * hidden, head_hidden=head_hidden, num_classes=num_classes)
+        if "audio" in self.streams:
+            self.lstm_audio = bilstm(audio_dim, hidden)
+        if "video" in self.streams:
+            self.lstm_video = bilstm(visual_dim, hidden)
+        in_dim = 2 * hidden * len(self.streams)
+        self.head = SegmentHead(in_dim=in_dim, head_hidden=head_hidden, num_classes=num_classes)
+
+
+@register_model("audio")
+class AudioOnly(_Baseline):
+    streams = ("audio",)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         return scored(self.head(encode(self.lstm_audio, audio)))              # [B, T, C]
 
 
 @register_model("visual")
-class VisualOnly(nn.Module):
-    outputs = CLASSIFIER_OUTPUTS
-
-    def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
-                 num_classes: int = 29, hidden: int = 128, head_hidden: int = 64):
-        super().__init__()
-        self.lstm_video = bilstm(visual_dim, hidden)
-        self.head = SegmentHead(in_dim=2 * hidden, head_hidden=head_hidden, num_classes=num_classes)
+class VisualOnly(_Baseline):
+    streams = ("video",)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         return scored(self.head(encode(self.lstm_video, grid_mean(visual))))
@@ -64,15 +72,8 @@ class VisualAtt(nn.Module):
 
 
 @register_model("av")
-class AudioVisual(nn.Module):
-    outputs = CLASSIFIER_OUTPUTS
-
-    def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
-                 num_classes: int = 29, hidden: int = 128, head_hidden: int = 64):
-        super().__init__()
-        self.lstm_audio = bilstm(audio_dim, hidden)
-        self.lstm_video = bilstm(visual_dim, hidden)
-        self.head = SegmentHead(in_dim=4 * hidden, head_hidden=head_hidden, num_classes=num_classes)
+class AudioVisual(_Baseline):
+    streams = ("audio", "video")
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         h_a = encode(self.lstm_audio, audio)                            # [B, T, 2h]

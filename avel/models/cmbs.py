@@ -10,199 +10,108 @@ marmot-xy/CMBS code at commit 48e1ffc; no reference code was copied. CMBS extend
   gates from the encoders re-weight the other stream; class-activation sequences (CAS) on the
   gated streams; two "interaction" blocks (product + attention) fuse the streams; heads.
 
-The computation is batch first ([B, T, d]) throughout; the reference runs its attention blocks
-time first ([T, B, d]) but attention over time is per video, so the values are the same. avel calls
+Reused from CMRAN unchanged (one implementation each): the transformer blocks of
+``avel.models.transformer`` (Encoder, Decoder, CrossModalInteraction = the reference's AVInter/VAInter),
+and from ``avel.models.cmran`` the v_fc adapter, the audio-guided channel and spatial steps (extended
+here by :class:`SpatialChannelAttention`), the supervised localisation head, the segment targets and
+the checkpoint conversion. The computation is batch first ([B, T, d]); avel calls
 forward(audio, visual); the reference calls model(visual, audio).
 
-Parameter names follow the reference where they are readable; ``convert_reference`` maps the rest
-(and drops the parameters the reference registers but never uses).
+avel's parameter names are the CMRAN blocks'; ``convert_reference`` maps the reference names onto
+them (and drops the parameters the reference registers but never uses).
+
+A little over 400 lines: the two variants share the attention block and the conversion, and each
+keeps its reference-bug helpers beside it.
 """
 from __future__ import annotations
-
-import fnmatch
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import bilstm, encode
+from .cmran import (
+    UNUSED_STACK_KEYS,
+    AudioGuidedChannelSpatialAttention,
+    RelationStage,
+    SupervisedLocalization,
+    convert_renamed,
+    reference_name,
+    reference_shape,
+    segment_event_targets,
+    visual_adapter,
+)
+from .cmran import reference_weak_loss as cmran_reference_weak_loss
 from .heads import gate_scores
 from .registry import register_model
-
+from .transformer import CrossModalInteraction
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks (keyword-only constructors, reusable by CMRAN where the computation is identical)
+# The CMBS spatial-channel attention: CMRAN's, plus a region self-attention branch and a beta term
 # ----------------------------------------------------------------------------------------------
 
-class SpatialChannelAttention(nn.Module):
-    """CMBS audio-guided spatial-channel attention with a self-attention branch and a beta term.
+class RegionSelfAttention(nn.Module):
+    """Self-attention over the grid positions of one segment (the first step of CMBS's attention).
+
+    s = norm(x + drop(softmax(Q K^T) V)) with Q = video_query(x), K = video_key(x), V = video_value(x).
+    QUIRK (reference): the energies Q K^T are NOT scaled by 1/sqrt(d). Softmax over the keys (last axis).
+    """
+
+    def __init__(self, *, visual_dim: int = 512, qk_dim: int = 128, dropout: float = 0.2):
+        super().__init__()
+        self.video_query = nn.Linear(visual_dim, qk_dim)
+        self.video_key = nn.Linear(visual_dim, qk_dim)
+        self.video_value = nn.Linear(visual_dim, visual_dim)
+        self.norm = nn.LayerNorm(visual_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:            # [N, R, Dv] -> [N, R, Dv]
+        energy = self.video_query(regions) @ self.video_key(regions).transpose(1, 2)   # [N, R, R], unscaled
+        attended = torch.softmax(energy, dim=-1) @ self.video_value(regions)          # [N, R, Dv]
+        return self.norm(regions + self.dropout(attended))
+
+
+class SpatialChannelAttention(AudioGuidedChannelSpatialAttention):
+    """CMBS audio-guided spatial-channel attention: CMRAN's channel and spatial steps, plus two additions.
 
     audio [B, T, Da], visual [B, T, H, W, Dv] -> (attended [B, T, Dv], spatial weights [B, T, H, W]).
-    Unlike the CMRAN version, the regions first attend to each other (s), the channel map is computed
-    from s but applied to the raw regions, and a self-guided pooling of s scales the output by
-    (1 + beta * sigmoid(.)).
+    The regions first attend to each other (s, :class:`RegionSelfAttention`); the channel map is
+    computed from s but applied to the raw regions (the parent's ``channel(..., guide=s)``); and a
+    self-guided pooling of s scales the output by (1 + beta * sigmoid(.)). The parent's parameters keep
+    their reference names; CMBS sizes them channel_hidden = Dv, bottleneck = spatial_hidden = hidden.
     """
 
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, hidden: int = 256,
                  self_att_dim: int = 128, beta: float = 0.4, dropout: float = 0.2):
-        super().__init__()
+        super().__init__(audio_dim=audio_dim, visual_dim=visual_dim, channel_hidden=visual_dim,
+                         bottleneck=hidden, spatial_hidden=hidden)
         self.beta = beta
-        # a) region self-attention
-        self.video_query = nn.Linear(visual_dim, self_att_dim)
-        self.video_key = nn.Linear(visual_dim, self_att_dim)
-        self.video_value = nn.Linear(visual_dim, visual_dim)
-        self.norm = nn.LayerNorm(visual_dim)
-        self.dropout = nn.Dropout(dropout)
-        # b) self-guided spatial pooling
+        self.region_att = RegionSelfAttention(visual_dim=visual_dim, qk_dim=self_att_dim, dropout=dropout)
+        # Self-guided spatial pooling of s.
         self.affine_video_ave = nn.Linear(visual_dim, hidden)
         self.affine_video_3 = nn.Linear(visual_dim, hidden)
         self.ave_v_att = nn.Linear(hidden, 1)
-        # c) audio-guided channel attention
-        self.affine_audio_1 = nn.Linear(audio_dim, visual_dim)
-        self.affine_video_1 = nn.Linear(visual_dim, visual_dim)
-        self.affine_bottleneck = nn.Linear(visual_dim, hidden)
-        self.affine_v_c_att = nn.Linear(hidden, visual_dim)
-        # d) audio-guided spatial attention
-        self.affine_video_2 = nn.Linear(visual_dim, hidden)
-        self.affine_audio_2 = nn.Linear(audio_dim, hidden)
-        self.affine_v_s_att = nn.Linear(hidden, 1)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, H, W, Dv = visual.shape
         raw = visual.reshape(B * T, H * W, Dv)                          # [N, HW, Dv], rows b-major then t
         a = audio.reshape(B * T, -1)                                    # [N, Da]
 
-        # a) regions attend to each other; the reference has no 1/sqrt(d) scale here.
-        energy = self.video_query(raw) @ self.video_key(raw).transpose(1, 2)   # [N, HW, HW]
-        attended = energy.softmax(dim=-1) @ self.video_value(raw)              # [N, HW, Dv]
-        s = self.norm(raw + self.dropout(attended))                            # [N, HW, Dv]
+        s = self.region_att(raw)                                        # [N, HW, Dv]
 
-        # b) self-guided pooling of s (a global descriptor scores the regions).
+        # Self-guided pooling of s (a global descriptor scores the regions).
         g = F.relu(self.affine_video_ave(s.mean(dim=1)))[:, None, :]           # [N, 1, hidden]
         q = F.relu(self.affine_video_3(s))                                     # [N, HW, hidden]
         w_self = torch.tanh(self.ave_v_att(q * g)).softmax(dim=1)              # [N, HW, 1]
         self_att_feat = (w_self * s).sum(dim=1)                                # [N, Dv]
 
-        # c) audio-guided channel weights from s, applied to the RAW regions (as the reference does).
-        qa = F.relu(self.affine_audio_1(a))[:, None, :]                        # [N, 1, Dv]
-        qv = F.relu(self.affine_video_1(s))                                    # [N, HW, Dv]
-        h = F.relu(self.affine_bottleneck((qa * qv).mean(dim=1)))              # [N, hidden]
-        c_att = torch.sigmoid(self.affine_v_c_att(h))                          # [N, Dv]
-        c = raw * (c_att[:, None, :] + 1)                                      # [N, HW, Dv]
+        # Channel weights from s applied to the RAW regions (as the reference does), then CMRAN's
+        # audio-guided spatial attention over the channel-weighted regions.
+        cs, w_sp = self.spatial(a, self.channel(a, raw, guide=s))             # [N, Dv], [N, HW]
 
-        # d) audio-guided spatial attention over the channel-weighted regions.
-        qc = F.relu(self.affine_video_2(c))                                    # [N, HW, hidden]
-        qa2 = F.relu(self.affine_audio_2(a))[:, None, :]                       # [N, 1, hidden]
-        w_sp = torch.tanh(self.affine_v_s_att(qc * qa2)).softmax(dim=1)        # [N, HW, 1]
-        cs = (w_sp * c).sum(dim=1)                                             # [N, Dv]
-
-        # e) the self-attention branch gates the result up by at most beta.
+        # The self-attention branch gates the result up by at most beta.
         out = cs + self.beta * torch.sigmoid(self_att_feat) * cs               # [N, Dv]
         return out.view(B, T, Dv), w_sp.view(B, T, H, W)
-
-
-class EncoderLayer(nn.Module):
-    """Post-norm transformer encoder layer (self-attention + ReLU FFN), batch first. Same as CMRAN's."""
-
-    def __init__(self, *, d_model: int = 256, heads: int = 4, ffn_dim: int = 1024, dropout: float = 0.1):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                 # [B, T, d] -> [B, T, d]
-        x = self.norm1(x + self.dropout(self.self_attn(x, x, x, need_weights=False)[0]))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
-        return self.norm2(x + self.dropout(ffn))
-
-
-class ModalityEncoder(nn.Module):
-    """Linear projection to d_model, then a stack of encoder layers. Same as CMRAN's."""
-
-    def __init__(self, *, input_dim: int, d_model: int = 256, heads: int = 4, ffn_dim: int = 1024,
-                 num_layers: int = 2, dropout: float = 0.1):
-        super().__init__()
-        self.affine_matrix = nn.Linear(input_dim, d_model)
-        self.layers = nn.ModuleList(
-            EncoderLayer(d_model=d_model, heads=heads, ffn_dim=ffn_dim, dropout=dropout)
-            for _ in range(num_layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                 # [B, T, Din] -> [B, T, d]
-        x = self.affine_matrix(x)
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-class RelationDecoderLayer(nn.Module):
-    """Cross-modal relation attention: the query attends to [other modality, itself]. Same as CMRAN's.
-
-    The reference's decoder layer also registers a self-attention that it never calls; it is left out.
-    """
-
-    def __init__(self, *, d_model: int = 256, heads: int = 4, ffn_dim: int = 1024, dropout: float = 0.1):
-        super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, q: torch.Tensor, other: torch.Tensor) -> torch.Tensor:   # [B, T, d] each
-        memory = torch.cat([other, q], dim=1)                                  # [B, 2T, d]: other first
-        q = self.norm1(q + self.dropout(self.multihead_attn(q, memory, memory, need_weights=False)[0]))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(q))))
-        return self.norm2(q + self.dropout(ffn))
-
-
-class ModalityDecoder(nn.Module):
-    """Linear projection to d_model, then one relation decoder layer. Same as CMRAN's."""
-
-    def __init__(self, *, input_dim: int, d_model: int = 256, heads: int = 4, ffn_dim: int = 1024,
-                 dropout: float = 0.1):
-        super().__init__()
-        self.affine_matrix = nn.Linear(input_dim, d_model)
-        self.layer = RelationDecoderLayer(d_model=d_model, heads=heads, ffn_dim=ffn_dim, dropout=dropout)
-
-    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:   # -> [B, T, d]
-        return self.layer(self.affine_matrix(x), other)
-
-
-class Interaction(nn.Module):
-    """x, other [B, T, d] -> norm(g + attn(g, [other, x])) with g = x * other (the residual is g).
-
-    CMRAN's AVInter computes the same thing (with its own head count and attention dropout).
-    """
-
-    def __init__(self, *, d_model: int = 256, heads: int = 4, attn_dropout: float = 0.2,
-                 dropout: float = 0.1):
-        super().__init__()
-        self.video_multihead = nn.MultiheadAttention(d_model, heads, dropout=attn_dropout, batch_first=True)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        g = x * other                                                          # [B, T, d]
-        memory = torch.cat([other, x], dim=1)                                  # [B, 2T, d]
-        return self.norm1(g + self.dropout(self.video_multihead(g, memory, memory, need_weights=False)[0]))
-
-
-class EventLocalizer(nn.Module):
-    """Per-segment event logit and a video class from the time-max-pooled feature. Same as CMRAN's."""
-
-    def __init__(self, *, d_model: int = 256, num_events: int = 28):
-        super().__init__()
-        self.classifier = nn.Linear(d_model, 1)
-        self.event_classifier = nn.Linear(d_model, num_events)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:   # x [B, T, d]
-        is_event = self.classifier(x).squeeze(-1)                              # [B, T] logits
-        class_logits = self.event_classifier(x.max(dim=1).values)              # [B, K]
-        return is_event, class_logits
 
 
 def top_k_mean(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -210,24 +119,17 @@ def top_k_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.topk(k, dim=1).values.mean(dim=1)
 
 
-def _visual_adapter(visual_dim: int, dropout: float) -> nn.Sequential:
-    """v_fc: Linear on the channel axis of the grid, ReLU, dropout."""
-    return nn.Sequential(nn.Linear(visual_dim, visual_dim), nn.ReLU(), nn.Dropout(dropout))
-
-
 # ----------------------------------------------------------------------------------------------
 # Supervised CMBS
 # ----------------------------------------------------------------------------------------------
 
 def supervised_targets(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """target [B, T, C] one-hot -> (event mask [B, T], reference video class [B], has_event [B]).
+    """target [B, T, C] one-hot -> (event mask [B, T], reference video class [B], has_event [B] bool).
 
-    The reference video class is the max over segments of a per-segment argmax over the K event
-    columns; background segments argmax to 0, so a video without events gets class 0.
+    CMRAN's targets (:func:`avel.models.cmran.segment_event_targets`): a video without events gets
+    class 0; ``has_event`` says which videos those are.
     """
-    events = target[..., :-1]                                           # [B, T, K]
-    is_event = events.amax(dim=-1)                                      # [B, T] 1 on event segments
-    video_class = events.argmax(dim=-1).amax(dim=1)                     # [B]
+    is_event, video_class = segment_event_targets(target)
     return is_event, video_class, is_event.amax(dim=1) > 0
 
 
@@ -247,7 +149,7 @@ def reference_supervised_losses(out: dict, target: torch.Tensor) -> dict[str, to
 
 
 @register_model("cmbs")
-class CMBS(nn.Module):
+class CMBS(RelationStage):
     """Fully supervised CMBS (reference class supv_main_model)."""
 
     outputs = ("segment_scores", "event_logits", "class_logits", "av_score", "audio_visual_gate",
@@ -266,26 +168,22 @@ class CMBS(nn.Module):
         self.grid = tuple(grid)      # any grid works; kept for the record
         self.alpha, self.gamma, self.top_k = alpha, gamma, top_k
         K = num_classes - 1
-        self.v_fc = _visual_adapter(visual_dim, 0.2)
+        self.v_fc = visual_adapter(visual_dim, 0.2)
         self.spatial_channel_att = SpatialChannelAttention(
             audio_dim=audio_dim, visual_dim=visual_dim, hidden=att_hidden, self_att_dim=self_att_dim, beta=beta)
         # The reference passes dropout=0.2 to these one-layer LSTMs, which has no effect; omitted.
         self.audio_rnn = bilstm(audio_dim, audio_rnn_hidden)
         self.visual_rnn = bilstm(visual_dim, visual_rnn_hidden)
-        a_dim, v_dim = 2 * audio_rnn_hidden, 2 * visual_rnn_hidden
-        enc = dict(d_model=d_model, heads=heads, ffn_dim=encoder_ffn, num_layers=encoder_layers)
-        dec = dict(d_model=d_model, heads=heads, ffn_dim=decoder_ffn)
-        self.video_encoder = ModalityEncoder(input_dim=v_dim, **enc)
-        self.audio_decoder = ModalityDecoder(input_dim=a_dim, **dec)
-        self.audio_encoder = ModalityEncoder(input_dim=a_dim, **enc)
-        self.video_decoder = ModalityDecoder(input_dim=v_dim, **dec)
+        self.build_relation(audio_dim=2 * audio_rnn_hidden, visual_dim=2 * visual_rnn_hidden, d_model=d_model,
+                            heads=heads, encoder_ff=encoder_ffn, decoder_ff=decoder_ffn,
+                            encoder_layers=encoder_layers)
         self.audio_gate = nn.Linear(d_model, 1)
         self.video_gate = nn.Linear(d_model, 1)
         self.video_cas = nn.Linear(d_model, K)
         self.audio_cas = nn.Linear(d_model, K)
-        self.av_inter = Interaction(d_model=d_model, heads=inter_heads, attn_dropout=0.2)
-        self.va_inter = Interaction(d_model=d_model, heads=inter_heads, attn_dropout=0.2)
-        self.localize = EventLocalizer(d_model=d_model, num_events=K)
+        self.av_inter = CrossModalInteraction(d_model=d_model, heads=inter_heads, attn_dropout=0.2)
+        self.va_inter = CrossModalInteraction(d_model=d_model, heads=inter_heads, attn_dropout=0.2)
+        self.localize = SupervisedLocalization(d_model=d_model, event_classes=K)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         v = self.v_fc(visual)                                                  # [B, T, H, W, Dv]
@@ -293,10 +191,7 @@ class CMBS(nn.Module):
         a1 = encode(self.audio_rnn, audio)                                     # [B, T, 2*128] raw audio in
         v1 = encode(self.visual_rnn, v)                                        # [B, T, 2*256]
 
-        video_kv = self.video_encoder(v1)                                      # [B, T, d]
-        aq = self.audio_decoder(a1, video_kv)                                  # [B, T, d]
-        audio_kv = self.audio_encoder(a1)                                      # [B, T, d]
-        vq = self.video_decoder(v1, audio_kv)                                  # [B, T, d]
+        video_kv, aq, audio_kv, vq = self.relate(a1, v1)                       # [B, T, d] each
 
         audio_gate = torch.sigmoid(self.audio_gate(audio_kv))                  # [B, T, 1]
         video_gate = torch.sigmoid(self.video_gate(video_kv))                  # [B, T, 1]
@@ -344,17 +239,8 @@ class CMBS(nn.Module):
     @staticmethod
     def convert_reference(state_dict: dict) -> tuple[dict, dict]:
         kwargs = _dims_from_reference(state_dict, with_rnn=True)
-        kwargs["num_classes"] = _shape(state_dict, "localize_module.event_classifier.weight")[0] + 1
-
-        def rename(name: str) -> str:
-            for ours, theirs in (("audio_rnn.", "audio_visual_rnn_layer.audio_rnn."),
-                                 ("visual_rnn.", "audio_visual_rnn_layer.visual_rnn."),
-                                 ("localize.", "localize_module.")):
-                if name.startswith(ours):
-                    return theirs + name[len(ours):]
-            return _rename_common(name)
-
-        return _convert(CMBS, state_dict, kwargs, rename, UNUSED_REFERENCE_KEYS)
+        kwargs["num_classes"] = reference_shape(state_dict, "localize_module.event_classifier.weight")[0] + 1
+        return convert_renamed(CMBS, state_dict, kwargs, _reference_name, UNUSED_REFERENCE_KEYS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,12 +269,15 @@ def corrected_weak_decision(out: dict) -> torch.Tensor:
 
 
 def reference_weak_loss(out: dict, video_label: torch.Tensor) -> torch.Tensor:
-    """The repository's weak loss (scalar), bug included: MultiLabelSoftMargin on SOFTMAX PROBABILITIES."""
-    return F.multilabel_soft_margin_loss(out["video_logits"].softmax(dim=-1), video_label)
+    """The repository's weak loss (scalar), bug included: MultiLabelSoftMargin on SOFTMAX PROBABILITIES.
+
+    The same bug as CMRAN weak's (:func:`avel.models.cmran.reference_weak_loss`), batch-averaged.
+    """
+    return cmran_reference_weak_loss(out["video_logits"], video_label).mean()
 
 
 @register_model("cmbs_weak")
-class CMBSWeak(nn.Module):
+class CMBSWeak(RelationStage):
     """Weakly supervised CMBS (reference class weak_main_model). No LSTMs."""
 
     # repository_segment_scores: one-hot of the repository's degenerate rule, which avel's evaluator
@@ -408,17 +297,13 @@ class CMBSWeak(nn.Module):
         self.grid = tuple(grid)
         self.alpha, self.gamma, self.top_k = alpha, gamma, top_k
         C = num_classes
-        self.v_fc = _visual_adapter(visual_dim, 0.1)
+        self.v_fc = visual_adapter(visual_dim, 0.1)
         self.spatial_channel_att = SpatialChannelAttention(
             audio_dim=audio_dim, visual_dim=visual_dim, hidden=att_hidden, self_att_dim=self_att_dim, beta=beta)
-        enc = dict(d_model=d_model, heads=heads, ffn_dim=encoder_ffn, num_layers=encoder_layers)
-        dec = dict(d_model=d_model, heads=heads, ffn_dim=decoder_ffn)
-        self.video_encoder = ModalityEncoder(input_dim=visual_dim, **enc)
-        self.video_decoder = ModalityDecoder(input_dim=visual_dim, **dec)
-        self.audio_encoder = ModalityEncoder(input_dim=audio_dim, **enc)
-        self.audio_decoder = ModalityDecoder(input_dim=audio_dim, **dec)
-        self.av_inter = Interaction(d_model=d_model, heads=inter_heads, attn_dropout=0.2)
-        self.va_inter = Interaction(d_model=d_model, heads=inter_heads, attn_dropout=0.2)
+        self.build_relation(audio_dim=audio_dim, visual_dim=visual_dim, d_model=d_model, heads=heads,
+                            encoder_ff=encoder_ffn, decoder_ff=decoder_ffn, encoder_layers=encoder_layers)
+        self.av_inter = CrossModalInteraction(d_model=d_model, heads=inter_heads, attn_dropout=0.2)
+        self.va_inter = CrossModalInteraction(d_model=d_model, heads=inter_heads, attn_dropout=0.2)
         self.audio_gate = nn.Linear(d_model, 1)
         self.video_gate = nn.Linear(d_model, 1)
         # The reference's Conv1d(d, C, kernel 1, no bias) over time: a per-segment bias-free Linear.
@@ -430,10 +315,7 @@ class CMBSWeak(nn.Module):
         v = self.v_fc(visual)                                                  # [B, T, H, W, Dv]
         v, attention = self.spatial_channel_att(audio, v)                      # [B, T, Dv], [B, T, H, W]
 
-        video_kv = self.video_encoder(v)                                       # [B, T, d]
-        aq = self.audio_decoder(audio, video_kv)                               # [B, T, d]
-        audio_kv = self.audio_encoder(audio)                                   # [B, T, d]
-        vq = self.video_decoder(v, audio_kv)                                   # [B, T, d]
+        video_kv, aq, audio_kv, vq = self.relate(audio, v)                     # [B, T, d] each
 
         # Crossed relative to the supervised model (reference quirk kept): the "audio" gate reads
         # the VIDEO encoding and the "video" gate the AUDIO encoding.
@@ -484,56 +366,19 @@ class CMBSWeak(nn.Module):
     @staticmethod
     def convert_reference(state_dict: dict) -> tuple[dict, dict]:
         kwargs = _dims_from_reference(state_dict, with_rnn=False)
-        kwargs["num_classes"] = _shape(state_dict, "video_cas.weight")[0]
-
-        def rename(name: str) -> str:
-            return _rename_common(name).replace("cas_classifier.", "CAS_model.classifier.0.")
-
-        return _convert(CMBSWeak, state_dict, kwargs, rename, UNUSED_REFERENCE_KEYS_WEAK)
+        kwargs["num_classes"] = reference_shape(state_dict, "video_cas.weight")[0]
+        return convert_renamed(CMBSWeak, state_dict, kwargs, _reference_name, UNUSED_REFERENCE_KEYS_WEAK)
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint conversion shared by both variants
+# Checkpoint conversion shared by both variants (the mechanics and the shared blocks' names: cmran)
 # ----------------------------------------------------------------------------------------------
-
-def _convert(cls, state_dict: dict, kwargs: dict, rename, unused: tuple[str, ...]) -> tuple[dict, dict]:
-    """Map reference names to avel names, checking keys and shapes against a meta-device model.
-
-    ``rename(avel_name) -> reference_name``; ``unused`` = fnmatch patterns of the reference keys
-    that are registered but never used (dropped). Returns (kwargs, avel state_dict); the
-    tensors are the input tensors (or views of them): nothing big is allocated.
-    """
-    with torch.device("meta"):
-        expected = cls(**kwargs).state_dict()
-    out, used = {}, set()
-    for name, meta in expected.items():
-        ref = rename(name)
-        if ref not in state_dict:
-            raise ValueError(f"reference checkpoint lacks key {ref!r}")
-        t = state_dict[ref]
-        if t.dim() == meta.dim() + 1 and t.shape[-1] == 1:             # Conv1d(k=1) weight -> Linear
-            t = t.squeeze(-1)
-        if tuple(t.shape) != tuple(meta.shape):
-            raise ValueError(f"reference key {ref!r} has shape {tuple(t.shape)}, expected {tuple(meta.shape)}")
-        out[name] = t
-        used.add(ref)
-    for ref in state_dict:
-        if ref not in used and not any(fnmatch.fnmatchcase(ref, p) for p in unused):
-            raise ValueError(f"unexpected key {ref!r} in reference checkpoint")
-    return kwargs, out
-
-
-def _shape(sd: dict, key: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise ValueError(f"reference checkpoint lacks key {key!r}")
-    return tuple(sd[key].shape)
-
 
 def _dims_from_reference(sd: dict, with_rnn: bool) -> dict:
     """Constructor kwargs readable off the reference shapes (names as in the reference).
     Head counts, alpha / beta / gamma and top_k are not in the shapes: the defaults are the authors'."""
     def shape(key):
-        return _shape(sd, key)
+        return reference_shape(sd, key)
     enc_layers = sorted({int(k.split(".")[3]) for k in sd if k.startswith("video_encoder.encoder.layers.")})
     kw = {
         "audio_dim": shape("spatial_channel_att.affine_audio_1.weight")[1],
@@ -551,27 +396,26 @@ def _dims_from_reference(sd: dict, with_rnn: bool) -> dict:
     return kw
 
 
-def _rename_common(name: str) -> str:
-    """avel name -> reference name for the pieces both variants share."""
-    name = name.replace("v_fc.0.", "v_fc.")
-    for stream in ("video_encoder", "audio_encoder"):
-        name = name.replace(f"{stream}.layers.", f"{stream}.encoder.layers.")
-    for stream in ("video_decoder", "audio_decoder"):
-        name = name.replace(f"{stream}.layer.", f"{stream}.decoder.layers.0.")
-    name = name.replace("av_inter.", "AVInter.").replace("va_inter.", "VAInter.")
-    name = name.replace("audio_gate.", "audio_gated.0.").replace("video_gate.", "video_gated.0.")
-    return name
+# avel prefix -> reference prefix for the CMBS-only pieces; the rest as in CMRAN (reference_name).
+_CMBS_NAMES = (
+    ("spatial_channel_att.region_att.", "spatial_channel_att."),   # the reference has no sub-module
+    ("audio_rnn.", "audio_visual_rnn_layer.audio_rnn."),
+    ("visual_rnn.", "audio_visual_rnn_layer.visual_rnn."),
+    ("audio_gate.", "audio_gated.0."),
+    ("video_gate.", "video_gated.0."),
+    ("cas_classifier.", "CAS_model.classifier.0."),                # cmbs_weak: a Conv1d(k=1) there
+)
+
+
+def _reference_name(name: str) -> str:
+    """avel name -> reference name, for both variants."""
+    for ours, theirs in _CMBS_NAMES:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return reference_name(name)
 
 
 # Reference parameters that never affect an output; convert_reference drops them (fnmatch patterns).
-_UNUSED_COMMON = (
-    "spatial_channel_att.ave_bottleneck.*",           # defined, never called
-    "video_encoder.encoder_layer.*",                  # template layers: only their deep copies
-    "audio_encoder.encoder_layer.*",                  #   (encoder.layers.*) are used
-    "video_decoder.decoder_layer.*",
-    "audio_decoder.decoder_layer.*",
-    "video_decoder.decoder.layers.0.self_attn.*",     # the decoder layer's self-attention is never called
-    "audio_decoder.decoder.layers.0.self_attn.*",
-)
+_UNUSED_COMMON = UNUSED_STACK_KEYS + ("spatial_channel_att.ave_bottleneck.*",)   # defined, never called
 UNUSED_REFERENCE_KEYS = _UNUSED_COMMON + ("video_norm.*", "audio_norm.*")       # cmbs: LayerNorms never called
 UNUSED_REFERENCE_KEYS_WEAK = _UNUSED_COMMON + ("classifier.*",)                 # cmbs_weak: Linear never called

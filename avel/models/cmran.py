@@ -8,19 +8,19 @@ reference code. The computation, top to bottom:
   audio encoder (self-attention)  --memory-->  video decoder (video queries the audio)
   AV interaction (product of the two query streams attends to both) -> localisation head
 
-Layout: the reference runs its transformer blocks time first ([T, B, d], the default of
-torch.nn.MultiheadAttention). Everything here is batch first ([B, T, d]); attention, the
-concatenation of memories along time and the max over time are the same mathematics in either
-layout, so only the axis numbers differ. Where a comment says "along time" it means dim 1.
-
-The building blocks at the top (MultiheadAttention, EncoderLayer/Encoder, DecoderLayer/Decoder,
-CrossModalInteraction, AudioGuidedChannelSpatialAttention and RegionSelfAttention) are meant for reuse
-by CMBS, which descends from CMRAN: every size and dropout rate is a keyword.
+Everything is batch first ([B, T, d]); the transformer blocks and the note on the reference's time-
+first layout are in ``avel.models.transformer``. CMBS (``avel.models.cmbs``) descends from CMRAN and
+reuses from here the visual adapter, the grid attention (its channel map can be computed from a
+separate ``guide``), the supervised localisation head, the segment targets and the checkpoint
+conversion (the reference-name rules of the shared blocks live in one place, :func:`reference_name`).
+A little over 400 lines: both variants, their decision rules, losses and the family's checkpoint
+conversion read together, in forward order.
 """
 from __future__ import annotations
 
-import math
+import fnmatch
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -28,152 +28,15 @@ import torch.nn.functional as F
 
 from .heads import gate_scores
 from .registry import register_model
-
+from .transformer import CrossModalInteraction, Decoder, Encoder
 
 # ---------------------------------------------------------------------------------------------
-# Transformer-era building blocks (batch first)
+# Visual front end: the v_fc adapter and the audio-guided grid attention
 # ---------------------------------------------------------------------------------------------
 
-class MultiheadAttention(nn.Module):
-    """torch.nn.MultiheadAttention's mathematics, batch first, key = value = ``memory``, no masks.
-
-    Parameter names equal torch's (in_proj_weight [3d, d] with the query, key and value rows in that
-    order, in_proj_bias [3d], out_proj), so reference checkpoints load by a prefix rename. Written
-    out rather than wrapping nn.MultiheadAttention so that the time-first/batch-first choice and the
-    eval fast path of torch never change the arithmetic.
-    """
-
-    def __init__(self, *, d_model: int = 256, heads: int = 4, dropout: float = 0.1):
-        super().__init__()
-        if d_model % heads:
-            raise ValueError(f"d_model {d_model} is not divisible by heads {heads}")
-        self.heads = heads
-        self.dropout = dropout                       # on the attention weights, as torch does
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
-        self.out_proj = nn.Linear(d_model, d_model)
-        nn.init.xavier_uniform_(self.in_proj_weight)         # torch's initialisation
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """query [B, Lq, d], memory [B, Lk, d] -> [B, Lq, d]."""
-        B, Lq, d = query.shape
-        Lk = memory.shape[1]
-        h, hd = self.heads, d // self.heads
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        # Heads split the feature axis into contiguous blocks of hd.
-        q = F.linear(query, w_q, b_q).view(B, Lq, h, hd).transpose(1, 2)        # [B, h, Lq, hd]
-        k = F.linear(memory, w_k, b_k).view(B, Lk, h, hd).transpose(1, 2)       # [B, h, Lk, hd]
-        v = F.linear(memory, w_v, b_v).view(B, Lk, h, hd).transpose(1, 2)       # [B, h, Lk, hd]
-        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hd), dim=-1)  # [B, h, Lq, Lk]
-        weights = F.dropout(weights, self.dropout, self.training)
-        out = (weights @ v).transpose(1, 2).reshape(B, Lq, d)                    # heads concatenated
-        return self.out_proj(out)
-
-
-class FeedForward(nn.Module):
-    """linear2(Dropout(ReLU(linear1(x)))): the position-wise block of the encoder/decoder layers."""
-
-    def __init__(self, *, d_model: int = 256, ff_dim: int = 2048, dropout: float = 0.1):
-        super().__init__()
-        self.linear1 = nn.Linear(d_model, ff_dim)
-        self.linear2 = nn.Linear(ff_dim, d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
-
-
-class EncoderLayer(nn.Module):
-    """Post-norm self-attention layer: x = norm1(x + drop(SA(x))); x = norm2(x + drop(FFN(x)))."""
-
-    def __init__(self, *, d_model: int = 256, heads: int = 4, ff_dim: int = 2048, dropout: float = 0.1):
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model=d_model, heads=heads, dropout=dropout)
-        self.ffn = FeedForward(d_model=d_model, ff_dim=ff_dim, dropout=dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                    # [B, T, d] -> [B, T, d]
-        x = self.norm1(x + self.dropout1(self.self_attn(x, x)))
-        return self.norm2(x + self.dropout2(self.ffn(x)))
-
-
-class Encoder(nn.Module):
-    """affine_matrix (in_dim -> d_model), then ``layers`` encoder layers."""
-
-    def __init__(self, *, in_dim: int, d_model: int = 256, heads: int = 4, ff_dim: int = 2048,
-                 layers: int = 2, dropout: float = 0.1):
-        super().__init__()
-        self.affine_matrix = nn.Linear(in_dim, d_model)
-        self.layers = nn.ModuleList(
-            EncoderLayer(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout) for _ in range(layers)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                    # [B, T, in] -> [B, T, d]
-        x = self.affine_matrix(x)
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-class DecoderLayer(nn.Module):
-    """Cross-modal relation attention: the query attends to [other modality, itself] along time.
-
-    q = norm1(q + drop(attn(q, [other; q]))); q = norm2(q + drop(FFN(q))). The reference layer also
-    registers a self-attention that it never calls; it is not built here.
-    """
-
-    def __init__(self, *, d_model: int = 256, heads: int = 4, ff_dim: int = 2048, dropout: float = 0.1):
-        super().__init__()
-        self.cross_attn = MultiheadAttention(d_model=d_model, heads=heads, dropout=dropout)
-        self.ffn = FeedForward(d_model=d_model, ff_dim=ff_dim, dropout=dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, q: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """q [B, T, d], other [B, T', d] -> [B, T, d]."""
-        memory = torch.cat([other, q], dim=1)                              # [B, T' + T, d], other first
-        q = self.norm1(q + self.dropout1(self.cross_attn(q, memory)))
-        return self.norm2(q + self.dropout2(self.ffn(q)))
-
-
-class Decoder(nn.Module):
-    """affine_matrix (in_dim -> d_model) on the query stream, then one decoder layer."""
-
-    def __init__(self, *, in_dim: int, d_model: int = 256, heads: int = 4, ff_dim: int = 2048,
-                 dropout: float = 0.1):
-        super().__init__()
-        self.affine_matrix = nn.Linear(in_dim, d_model)
-        self.layer = DecoderLayer(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout)
-
-    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """x [B, T, in] (queries), other [B, T', d] (encoded other modality) -> [B, T, d]."""
-        return self.layer(self.affine_matrix(x), other)
-
-
-class CrossModalInteraction(nn.Module):
-    """The reference's AVInter: g = x * other attends to [other, x] along time.
-
-    out = norm(g + drop(attn(g, [other; x]))). The residual is the product g, not x (reference
-    behaviour). CMRAN supervised: 4 heads; CMRAN weak: 2 heads; CMBS uses attention dropout 0.2.
-    """
-
-    def __init__(self, *, d_model: int = 256, heads: int = 4, dropout: float = 0.1, attn_dropout: float = 0.1):
-        super().__init__()
-        self.attn = MultiheadAttention(d_model=d_model, heads=heads, dropout=attn_dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:   # [B, T, d] x2 -> [B, T, d]
-        g = x * other
-        memory = torch.cat([other, x], dim=1)                              # [B, 2T, d]
-        return self.norm(g + self.dropout(self.attn(g, memory)))
+def visual_adapter(visual_dim: int, dropout: float) -> nn.Sequential:
+    """v_fc: Linear on the channel axis of the grid, ReLU, dropout ([B, T, H, W, Dv] -> same)."""
+    return nn.Sequential(nn.Linear(visual_dim, visual_dim), nn.ReLU(), nn.Dropout(dropout))
 
 
 class AudioGuidedChannelSpatialAttention(nn.Module):
@@ -224,28 +87,6 @@ class AudioGuidedChannelSpatialAttention(nn.Module):
         a = audio.reshape(B * T, -1)                                       # [N, Da], rows b-major then t
         attended, weights = self.spatial(a, self.channel(a, regions))
         return attended.view(B, T, Dv), weights.view(B, T, H, W)
-
-
-class RegionSelfAttention(nn.Module):
-    """Self-attention over the grid positions of one segment, as CMBS's attention module runs it.
-
-    Not used by CMRAN; here for CMBS. s = norm(x + drop(softmax(Q K^T) V)) with Q = video_query(x),
-    K = video_key(x), V = video_value(x). QUIRK (reference): the energies Q K^T are NOT scaled by
-    1/sqrt(d). Softmax over the keys (last axis).
-    """
-
-    def __init__(self, *, visual_dim: int = 512, qk_dim: int = 128, dropout: float = 0.2):
-        super().__init__()
-        self.video_query = nn.Linear(visual_dim, qk_dim)
-        self.video_key = nn.Linear(visual_dim, qk_dim)
-        self.video_value = nn.Linear(visual_dim, visual_dim)
-        self.norm = nn.LayerNorm(visual_dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, regions: torch.Tensor) -> torch.Tensor:            # [N, R, Dv] -> [N, R, Dv]
-        energy = self.video_query(regions) @ self.video_key(regions).transpose(1, 2)   # [N, R, R], unscaled
-        attended = torch.softmax(energy, dim=-1) @ self.video_value(regions)          # [N, R, Dv]
-        return self.norm(regions + self.dropout(attended))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,64 +168,82 @@ def reference_weak_loss(video_logits: torch.Tensor, video_label: torch.Tensor) -
 # The network
 # ---------------------------------------------------------------------------------------------
 
-class _CMRANTrunk(nn.Module):
-    """Everything before the localisation head; shared by the supervised and the weak model."""
+class RelationStage(nn.Module):
+    """Base of every CMRAN-family model (CMBS too): the four relation blocks, built and run in one order.
 
-    def __init__(self, *, audio_dim: int, visual_dim: int, grid: tuple[int, int], num_classes: int,
-                 channel_hidden: int, bottleneck: int, spatial_hidden: int, d_model: int, ff_dim: int,
-                 heads: int, encoder_layers: int, inter_heads: int, dropout: float, visual_dropout: float):
-        super().__init__()
-        self.grid = tuple(grid)          # not needed by the computation: any H x W grid works
-        self.num_classes = num_classes
-        self.v_fc = nn.Linear(visual_dim, visual_dim)
-        self.visual_dropout = nn.Dropout(visual_dropout)
-        self.spatial_channel_att = AudioGuidedChannelSpatialAttention(
-            audio_dim=audio_dim, visual_dim=visual_dim, channel_hidden=channel_hidden,
-            bottleneck=bottleneck, spatial_hidden=spatial_hidden,
-        )
-        blocks = dict(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout)
-        self.video_encoder = Encoder(in_dim=visual_dim, layers=encoder_layers, **blocks)
-        self.audio_decoder = Decoder(in_dim=audio_dim, **blocks)
-        self.audio_encoder = Encoder(in_dim=audio_dim, layers=encoder_layers, **blocks)
-        self.video_decoder = Decoder(in_dim=visual_dim, **blocks)
-        self.av_inter = CrossModalInteraction(d_model=d_model, heads=inter_heads, dropout=dropout,
-                                              attn_dropout=dropout)
+    Each modality is encoded by self-attention (key/value) and queries the other's encoding through
+    a decoder. The blocks are attributes of the model itself, named as in the references.
+    """
 
-    def features(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """audio [B, T, Da], visual [B, T, H, W, Dv] -> fused segment features [B, T, d], attention [B, T, H, W]."""
-        visual = self.visual_dropout(F.relu(self.v_fc(visual)))            # [B, T, H, W, Dv]
-        v, attention = self.spatial_channel_att(audio, visual)             # [B, T, Dv], [B, T, H, W]
-        video_kv = self.video_encoder(v)                                   # [B, T, d]
-        audio_q = self.audio_decoder(audio, video_kv)                      # [B, T, d] audio queries video
-        audio_kv = self.audio_encoder(audio)                               # [B, T, d]
-        video_q = self.video_decoder(v, audio_kv)                          # [B, T, d] video queries audio
-        # The audio stream enters only here (CMRAN has no second, audio-side interaction block).
-        return self.av_inter(video_q, audio_q), attention                  # [B, T, d]
+    def build_relation(self, *, audio_dim: int, visual_dim: int, d_model: int, heads: int, encoder_ff: int,
+                       decoder_ff: int, encoder_layers: int, dropout: float = 0.1) -> None:
+        enc = dict(d_model=d_model, heads=heads, ff_dim=encoder_ff, layers=encoder_layers, dropout=dropout)
+        dec = dict(d_model=d_model, heads=heads, ff_dim=decoder_ff, dropout=dropout)
+        self.video_encoder = Encoder(in_dim=visual_dim, **enc)
+        self.audio_decoder = Decoder(in_dim=audio_dim, **dec)
+        self.audio_encoder = Encoder(in_dim=audio_dim, **enc)
+        self.video_decoder = Decoder(in_dim=visual_dim, **dec)
+
+    def relate(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """audio [B, T, Da], visual [B, T, Dv] -> (video_kv, audio_q, audio_kv, video_q), each [B, T, d]."""
+        video_kv = self.video_encoder(visual)
+        audio_q = self.audio_decoder(audio, video_kv)                      # audio queries video
+        audio_kv = self.audio_encoder(audio)
+        video_q = self.video_decoder(visual, audio_kv)                     # video queries audio
+        return video_kv, audio_q, audio_kv, video_q
 
 
-_SIZES = dict(channel_hidden=512, bottleneck=256, spatial_hidden=256, d_model=256, ff_dim=2048,
-              heads=4, encoder_layers=2)
+class _CMRANTrunk(RelationStage):
+    """Everything before the localisation head, built by the constructor both variants share.
 
-
-@register_model("cmran")
-class CMRAN(_CMRANTrunk):
-    """Fully supervised CMRAN (reference class supv_main_model)."""
-
-    outputs = ("segment_scores", "event_logits", "class_logits", "attention")
-    loss_weights = {"is_event": 1.0, "event_class": 1.0}
-    tasks = ("supervised",)
-    reference_classes = ()               # the repository saves state_dicts only
+    The defaults are the authors' supervised values; the weak variant changes only ``inter_heads``
+    (2). A variant supplies its head through :meth:`localizer`.
+    """
 
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
                  num_classes: int = 29, channel_hidden: int = 512, bottleneck: int = 256,
                  spatial_hidden: int = 256, d_model: int = 256, ff_dim: int = 2048, heads: int = 4,
                  encoder_layers: int = 2, inter_heads: int = 4, dropout: float = 0.1,
                  visual_dropout: float = 0.2):
-        super().__init__(audio_dim=audio_dim, visual_dim=visual_dim, grid=grid, num_classes=num_classes,
-                         channel_hidden=channel_hidden, bottleneck=bottleneck, spatial_hidden=spatial_hidden,
-                         d_model=d_model, ff_dim=ff_dim, heads=heads, encoder_layers=encoder_layers,
-                         inter_heads=inter_heads, dropout=dropout, visual_dropout=visual_dropout)
-        self.localize = SupervisedLocalization(d_model=d_model, event_classes=num_classes - 1)
+        super().__init__()
+        self.grid = tuple(grid)          # not needed by the computation: any H x W grid works
+        self.num_classes = num_classes
+        self.v_fc = visual_adapter(visual_dim, visual_dropout)
+        self.spatial_channel_att = AudioGuidedChannelSpatialAttention(
+            audio_dim=audio_dim, visual_dim=visual_dim, channel_hidden=channel_hidden,
+            bottleneck=bottleneck, spatial_hidden=spatial_hidden,
+        )
+        self.build_relation(audio_dim=audio_dim, visual_dim=visual_dim, d_model=d_model, heads=heads,
+                            encoder_ff=ff_dim, decoder_ff=ff_dim, encoder_layers=encoder_layers, dropout=dropout)
+        self.av_inter = CrossModalInteraction(d_model=d_model, heads=inter_heads, dropout=dropout,
+                                              attn_dropout=dropout)
+        self.localize = self.localizer(d_model=d_model, num_classes=num_classes)
+
+    @staticmethod
+    def localizer(*, d_model: int, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def features(self, audio: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio [B, T, Da], visual [B, T, H, W, Dv] -> fused segment features [B, T, d], attention [B, T, H, W]."""
+        visual = self.v_fc(visual)                                         # [B, T, H, W, Dv]
+        v, attention = self.spatial_channel_att(audio, visual)             # [B, T, Dv], [B, T, H, W]
+        _, audio_q, _, video_q = self.relate(audio, v)                     # [B, T, d] each
+        # The audio stream enters only here (CMRAN has no second, audio-side interaction block).
+        return self.av_inter(video_q, audio_q), attention                  # [B, T, d]
+
+
+@register_model("cmran")
+class CMRAN(_CMRANTrunk):
+    """Fully supervised CMRAN (reference class supv_main_model); the constructor is the trunk's."""
+
+    outputs = ("segment_scores", "event_logits", "class_logits", "attention")
+    loss_weights = {"is_event": 1.0, "event_class": 1.0}
+    tasks = ("supervised",)
+    reference_classes = ()               # the repository saves state_dicts only
+
+    @staticmethod
+    def localizer(*, d_model: int, num_classes: int) -> nn.Module:
+        return SupervisedLocalization(d_model=d_model, event_classes=num_classes - 1)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         x, attention = self.features(audio, visual)                        # [B, T, d]
@@ -409,7 +268,9 @@ class CMRAN(_CMRANTrunk):
 
     @staticmethod
     def convert_reference(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-        return _convert_reference(CMRAN, state_dict, background_column=False)
+        kwargs = _kwargs_from_reference(state_dict)
+        kwargs["num_classes"] = reference_shape(state_dict, "localize_module.event_classifier.weight")[0] + 1
+        return convert_renamed(CMRAN, state_dict, kwargs, reference_name, UNUSED_REFERENCE_KEYS)
 
 
 @register_model("cmran_weak")
@@ -425,6 +286,7 @@ class CMRANWeak(_CMRANTrunk):
     tasks = ("weak",)
     reference_classes = ()               # the repository saves state_dicts only
 
+    # Only the inter_heads default differs from the trunk's (the weak reference uses 2 heads).
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
                  num_classes: int = 29, channel_hidden: int = 512, bottleneck: int = 256,
                  spatial_hidden: int = 256, d_model: int = 256, ff_dim: int = 2048, heads: int = 4,
@@ -434,7 +296,10 @@ class CMRANWeak(_CMRANTrunk):
                          channel_hidden=channel_hidden, bottleneck=bottleneck, spatial_hidden=spatial_hidden,
                          d_model=d_model, ff_dim=ff_dim, heads=heads, encoder_layers=encoder_layers,
                          inter_heads=inter_heads, dropout=dropout, visual_dropout=visual_dropout)
-        self.localize = WeakLocalization(d_model=d_model, num_classes=num_classes)
+
+    @staticmethod
+    def localizer(*, d_model: int, num_classes: int) -> nn.Module:
+        return WeakLocalization(d_model=d_model, num_classes=num_classes)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         x, attention = self.features(audio, visual)                        # [B, T, d]
@@ -455,80 +320,95 @@ class CMRANWeak(_CMRANTrunk):
 
     @staticmethod
     def convert_reference(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-        return _convert_reference(CMRANWeak, state_dict, background_column=True)
+        kwargs = _kwargs_from_reference(state_dict)
+        # The weak head's classes include background.
+        kwargs["num_classes"] = reference_shape(state_dict, "localize_module.event_classifier.weight")[0]
+        return convert_renamed(CMRANWeak, state_dict, kwargs, reference_name, UNUSED_REFERENCE_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference checkpoint conversion
+# Reference checkpoint conversion (also CMBS's: its shared blocks carry the same names)
 # ---------------------------------------------------------------------------------------------
 
-# Registered by the reference and saved, but never used by its forward: the attention module's
-# affine_video_guided_1/2, the template layers the encoder/decoder stacks were deep-copied from, and
-# the decoder layer's never-called self-attention.
-UNUSED_REFERENCE_KEYS = (
-    r"spatial_channel_att\.affine_video_guided_[12]\.(weight|bias)",
-    r"(video|audio)_encoder\.encoder_layer\..+",
-    r"(video|audio)_decoder\.decoder_layer\..+",
-    r"(video|audio)_decoder\.decoder\.layers\.0\.self_attn\..+",
+# Registered by the reference and saved, but never used by its forward (fnmatch patterns): the
+# template layers the encoder/decoder stacks were deep-copied from, and the decoder layer's
+# never-called self-attention. CMBS's references have them too.
+UNUSED_STACK_KEYS = (
+    "video_encoder.encoder_layer.*", "audio_encoder.encoder_layer.*",
+    "video_decoder.decoder_layer.*", "audio_decoder.decoder_layer.*",
+    "video_decoder.decoder.layers.0.self_attn.*", "audio_decoder.decoder.layers.0.self_attn.*",
 )
+# CMRAN's attention module also registers affine_video_guided_1/2 and never calls them.
+UNUSED_REFERENCE_KEYS = UNUSED_STACK_KEYS + ("spatial_channel_att.affine_video_guided_[12].*",)
 
-# Reference name -> avel name, by prefix (first match wins; the rest of the name is kept).
-_RENAMES = (
-    (r"(video|audio)_encoder\.encoder\.layers\.(\d+)\.linear([12])\.", r"\1_encoder.layers.\2.ffn.linear\3."),
-    (r"(video|audio)_encoder\.encoder\.layers\.(\d+)\.", r"\1_encoder.layers.\2."),
-    (r"(video|audio)_decoder\.decoder\.layers\.0\.multihead_attn\.", r"\1_decoder.layer.cross_attn."),
-    (r"(video|audio)_decoder\.decoder\.layers\.0\.linear([12])\.", r"\1_decoder.layer.ffn.linear\2."),
-    (r"(video|audio)_decoder\.decoder\.layers\.0\.", r"\1_decoder.layer."),
-    (r"AVInter\.video_multihead\.", "av_inter.attn."),
-    (r"AVInter\.norm1\.", "av_inter.norm."),
-    (r"localize_module\.", "localize."),
-)
-_UNUSED = tuple(re.compile(p) for p in UNUSED_REFERENCE_KEYS)
-_RENAMES_RE = tuple((re.compile(p), r) for p, r in _RENAMES)
+# avel name -> reference name for the blocks of the CMRAN family, by prefix (first match wins; the
+# rest of the name is kept). Encoder/decoder FFN weights sit directly on the reference layer.
+_REFERENCE_NAMES = tuple((re.compile(p), r) for p, r in (
+    (r"v_fc\.0\.", "v_fc."),
+    (r"(video|audio)_encoder\.layers\.(\d+)\.attn\.", r"\1_encoder.encoder.layers.\2.self_attn."),
+    (r"(video|audio)_encoder\.layers\.(\d+)\.(?:ffn\.)?", r"\1_encoder.encoder.layers.\2."),
+    (r"(video|audio)_decoder\.layer\.attn\.", r"\1_decoder.decoder.layers.0.multihead_attn."),
+    (r"(video|audio)_decoder\.layer\.(?:ffn\.)?", r"\1_decoder.decoder.layers.0."),
+    (r"av_inter\.attn\.", "AVInter.video_multihead."),      # CMBS adds a second block, va_inter
+    (r"av_inter\.norm\.", "AVInter.norm1."),
+    (r"va_inter\.attn\.", "VAInter.video_multihead."),
+    (r"va_inter\.norm\.", "VAInter.norm1."),
+    (r"localize\.", "localize_module."),
+))
 
 
-def _shape(state_dict: dict[str, torch.Tensor], key: str, dim: int) -> int:
+def reference_name(name: str) -> str:
+    """avel parameter name -> the reference's, for every block CMRAN and CMBS share."""
+    for pattern, repl in _REFERENCE_NAMES:
+        if pattern.match(name):
+            return pattern.sub(repl, name, count=1)
+    return name
+
+
+def reference_shape(state_dict: dict, key: str) -> tuple[int, ...]:
     if key not in state_dict:
-        raise ValueError(f"reference state_dict lacks {key!r}")
-    return int(state_dict[key].shape[dim])
+        raise ValueError(f"reference checkpoint lacks key {key!r}")
+    return tuple(state_dict[key].shape)
 
 
-def _convert_reference(cls: type[nn.Module], state_dict: dict[str, torch.Tensor], *, background_column: bool):
-    """Shared by both variants: infer the sizes, rename, drop the unused keys, check every shape."""
-    sd = state_dict
+def _kwargs_from_reference(sd: dict) -> dict:
+    """CMRAN's sizes readable off the reference shapes (head counts are not: the defaults are the authors')."""
     layer_ids = {int(m.group(1)) for k in sd if (m := re.match(r"video_encoder\.encoder\.layers\.(\d+)\.", k))}
-    classes = _shape(sd, "localize_module.event_classifier.weight", 0)
-    kwargs = dict(
-        audio_dim=_shape(sd, "spatial_channel_att.affine_audio_1.weight", 1),
-        visual_dim=_shape(sd, "v_fc.weight", 1),
-        num_classes=classes if background_column else classes + 1,
-        channel_hidden=_shape(sd, "spatial_channel_att.affine_video_1.weight", 0),
-        bottleneck=_shape(sd, "spatial_channel_att.affine_bottleneck.weight", 0),
-        spatial_hidden=_shape(sd, "spatial_channel_att.affine_video_2.weight", 0),
-        d_model=_shape(sd, "video_encoder.affine_matrix.weight", 0),
-        ff_dim=_shape(sd, "video_encoder.encoder.layers.0.linear1.weight", 0),
-        encoder_layers=max(layer_ids) + 1,
+    return dict(
+        audio_dim=reference_shape(sd, "spatial_channel_att.affine_audio_1.weight")[1],
+        visual_dim=reference_shape(sd, "v_fc.weight")[1],
+        channel_hidden=reference_shape(sd, "spatial_channel_att.affine_video_1.weight")[0],
+        bottleneck=reference_shape(sd, "spatial_channel_att.affine_bottleneck.weight")[0],
+        spatial_hidden=reference_shape(sd, "spatial_channel_att.affine_video_2.weight")[0],
+        d_model=reference_shape(sd, "video_encoder.affine_matrix.weight")[0],
+        ff_dim=reference_shape(sd, "video_encoder.encoder.layers.0.linear1.weight")[0],
+        encoder_layers=max(layer_ids, default=-1) + 1,
     )
-    out: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}                                            # avel name -> reference name
-    for key, value in sd.items():
-        if any(p.fullmatch(key) for p in _UNUSED):
-            continue
-        new = key
-        for pattern, repl in _RENAMES_RE:
-            if pattern.match(key):
-                new = pattern.sub(repl, key, count=1)
-                break
-        out[new], origin[new] = value, key
-    # The expected names and shapes, from a parameter-free (meta) build of the model.
+
+
+def convert_renamed(cls: type[nn.Module], state_dict: dict, kwargs: dict, rename: Callable[[str], str],
+                    unused: tuple[str, ...]) -> tuple[dict, dict]:
+    """Map reference names to avel names, checking keys and shapes against a meta-device model.
+
+    ``rename(avel_name) -> reference_name``; ``unused`` = fnmatch patterns of the reference keys
+    that are registered but never used (dropped). Returns (kwargs, avel state_dict); the tensors are
+    the input tensors (or views of them): nothing big is allocated.
+    """
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in cls(**kwargs).state_dict().items()}
-    for key in expected:
-        if key not in out:
-            raise ValueError(f"reference state_dict lacks the parameter that becomes {key!r}")
-        if out[key].shape != expected[key]:
-            raise ValueError(f"{origin[key]!r}: shape {tuple(out[key].shape)}, expected {tuple(expected[key])}")
-    unexpected = sorted(origin[k] for k in set(out) - set(expected))
-    if unexpected:
-        raise ValueError(f"unexpected reference key(s): {unexpected}")
+        expected = cls(**kwargs).state_dict()
+    out, used = {}, set()
+    for name, meta in expected.items():
+        ref = rename(name)
+        if ref not in state_dict:
+            raise ValueError(f"reference checkpoint lacks key {ref!r} (avel {name!r})")
+        t = state_dict[ref]
+        if t.dim() == meta.dim() + 1 and t.shape[-1] == 1:             # Conv1d(k=1) weight -> Linear
+            t = t.squeeze(-1)
+        if tuple(t.shape) != tuple(meta.shape):
+            raise ValueError(f"reference key {ref!r} has shape {tuple(t.shape)}, expected {tuple(meta.shape)}")
+        out[name] = t
+        used.add(ref)
+    for ref in state_dict:
+        if ref not in used and not any(fnmatch.fnmatchcase(ref, p) for p in unused):
+            raise ValueError(f"unexpected key {ref!r} in reference checkpoint")
     return kwargs, out

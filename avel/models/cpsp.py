@@ -157,12 +157,18 @@ def video_class(video_label: torch.Tensor) -> torch.Tensor:
 # --- the models ----------------------------------------------------------------------------------
 
 class _CPSPBase(PSPBackbone):
-    """The PSP backbone plus the two CPSP heads; shared constructor and checkpoint conversion."""
+    """The PSP backbone plus the two CPSP heads; shared constructor and checkpoint conversion.
+
+    The defaults are the authors' fully supervised values (the cpsp model's); cpsp_weak changes
+    threshold, vcon_margin and vcon_negatives.
+    """
 
     reference_classes = ()                                   # the repository saves state_dicts only
 
-    def __init__(self, *, audio_dim, visual_dim, grid, num_classes, embed_dim, proj_hidden, hidden, att_hidden,
-                 head_hidden, threshold, scon_temperature, vcon_margin, vcon_negatives):
+    def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
+                 num_classes: int = 29, embed_dim: int = 128, proj_hidden: int = 256, hidden: int = 128,
+                 att_hidden: int = 512, head_hidden: int = 64, threshold: float = 0.099,
+                 scon_temperature: float = 0.6, vcon_margin: float = 0.2, vcon_negatives: int = 3):
         super().__init__(audio_dim=audio_dim, visual_dim=visual_dim, grid=grid, embed_dim=embed_dim,
                          proj_hidden=proj_hidden, hidden=hidden, att_hidden=att_hidden, threshold=threshold)
         # head_hidden only sizes reference modules that are never used; kept so shapes convert both ways.
@@ -211,15 +217,7 @@ class CPSP(_CPSPBase):
     tasks = ("supervised",)
     # run_fully_supv.sh:36-41 (lambda_avps 100, lambda_scon 0.01, lambda_vcon 1).
     loss_weights = {"is_event": 1.0, "event_class": 1.0, "avps": 100.0, "scon": 0.01, "vcon": 1.0}
-
-    def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
-                 num_classes: int = 29, embed_dim: int = 128, proj_hidden: int = 256, hidden: int = 128,
-                 att_hidden: int = 512, head_hidden: int = 64, threshold: float = 0.099,
-                 scon_temperature: float = 0.6, vcon_margin: float = 0.2, vcon_negatives: int = 3):
-        super().__init__(audio_dim=audio_dim, visual_dim=visual_dim, grid=grid, num_classes=num_classes,
-                         embed_dim=embed_dim, proj_hidden=proj_hidden, hidden=hidden, att_hidden=att_hidden,
-                         head_hidden=head_hidden, threshold=threshold, scon_temperature=scon_temperature,
-                         vcon_margin=vcon_margin, vcon_negatives=vcon_negatives)
+    # The constructor (and its defaults) is _CPSPBase's.
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         fusion, avps, alpha, event_logits, class_logits = self.heads(audio, visual)

@@ -1,16 +1,15 @@
 """DMRN: dual multimodal residual network (official ``TBMRF_Net``).
 
-Same attention and BiLSTMs as A+V-att; the two segment streams are then fused by residual
-blocks in which each modality receives the shared update on top of the *other* modality's
-state, exactly as the official code does.
+Same attention and BiLSTMs as A+V-att (:class:`avel.models.av_att.AttendedEncoders`); the two
+segment streams are then fused by residual blocks in which each modality receives the shared update
+on top of the *other* modality's state, exactly as the official code does.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from .attention import AudioGuidedAttention
-from .blocks import bilstm, encode
+from .av_att import AttendedEncoders
 from .heads import CLASSIFIER_OUTPUTS, scored
 from .registry import register_model
 
@@ -20,27 +19,15 @@ def _transform(dim: int) -> nn.Sequential:
 
 
 @register_model("dmrn")
-class DMRN(nn.Module):
+class DMRN(AttendedEncoders):
+    """The official TBMRF_Net: ``blocks`` residual fusion blocks, then a linear classifier (L2)."""
+
     outputs = CLASSIFIER_OUTPUTS + ("attention",)
 
-    def __init__(
-        self,
-        *,
-        audio_dim: int = 128,
-        visual_dim: int = 512,
-        grid: tuple[int, int] = (7, 7),
-        num_classes: int = 29,
-        hidden: int = 128,
-        att_hidden: int = 512,
-        blocks: int = 1,
-    ):
-        super().__init__()
+    def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
+                 num_classes: int = 29, hidden: int = 128, att_hidden: int = 512, blocks: int = 1):
+        super().__init__(audio_dim=audio_dim, visual_dim=visual_dim, grid=grid, hidden=hidden, att_hidden=att_hidden)
         self.blocks = blocks
-        self.attention = AudioGuidedAttention(
-            audio_dim=audio_dim, visual_dim=visual_dim, hidden=att_hidden, regions=grid[0] * grid[1]
-        )
-        self.lstm_audio = bilstm(audio_dim, hidden)
-        self.lstm_video = bilstm(visual_dim, hidden)
         self.U_v = _transform(2 * hidden)
         self.U_a = _transform(2 * hidden)
         self.L2 = nn.Linear(2 * hidden, num_classes)
@@ -54,8 +41,6 @@ class DMRN(nn.Module):
         return (h_v + h_a) * 0.5
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> dict[str, torch.Tensor]:
-        attended, alpha = self.attention(audio, visual)                 # [B, T, Dv], [B, T, H, W]
-        h_a = encode(self.lstm_audio, audio)                            # [B, T, 2h]
-        h_v = encode(self.lstm_video, attended)                         # [B, T, 2h]
+        h_a, h_v, alpha = self.encode_streams(audio, visual)           # [B, T, 2h] x2, [B, T, H, W]
         logits = self.L2(self.fuse(h_a, h_v))                           # [B, T, C]
         return scored(logits, attention=alpha)

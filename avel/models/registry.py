@@ -21,7 +21,7 @@ The model contract (tested over the whole registry in tests/test_models.py):
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 

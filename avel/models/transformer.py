@@ -10,6 +10,7 @@ In forward order of a CMRAN-family model:
   Encoder        projection, then post-norm self-attention layers      (one modality -> key/value)
   Decoder        projection, then one relation layer: the query attends to [other modality, itself]
   CrossModalInteraction  g = x * other attends to [other, x]; the residual is g
+Encoder and decoder layers are one class, AttentionLayer: only the memory they attend to differs.
 
 Every size and dropout rate is a keyword; the two models differ only in those values.
 """
@@ -73,76 +74,64 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
 
-class EncoderLayer(nn.Module):
-    """Post-norm self-attention layer: x = norm1(x + drop(SA(x))); x = norm2(x + drop(FFN(x)))."""
+class AttentionLayer(nn.Module):
+    """Post-norm attention layer: q = norm1(q + drop(attn(q, memory))); q = norm2(q + drop(FFN(q))).
+
+    The encoder runs it as self-attention (memory = q), the decoder as cross-modal relation
+    attention (memory = [other modality; q]); the references have one class for each, with the
+    same arithmetic.
+    """
 
     def __init__(self, *, d_model: int = 256, heads: int = 4, ff_dim: int = 2048, dropout: float = 0.1):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model=d_model, heads=heads, dropout=dropout)
+        self.attn = MultiheadAttention(d_model=d_model, heads=heads, dropout=dropout)
         self.ffn = FeedForward(d_model=d_model, ff_dim=ff_dim, dropout=dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                    # [B, T, d] -> [B, T, d]
-        x = self.norm1(x + self.dropout1(self.self_attn(x, x)))
-        return self.norm2(x + self.dropout2(self.ffn(x)))
+    def forward(self, q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """q [B, T, d], memory [B, L, d] -> [B, T, d]."""
+        q = self.norm1(q + self.dropout1(self.attn(q, memory)))
+        return self.norm2(q + self.dropout2(self.ffn(q)))
 
 
 class Encoder(nn.Module):
-    """affine_matrix (in_dim -> d_model), then ``layers`` encoder layers."""
+    """affine_matrix (in_dim -> d_model), then ``layers`` self-attention layers."""
 
     def __init__(self, *, in_dim: int, d_model: int = 256, heads: int = 4, ff_dim: int = 2048,
                  layers: int = 2, dropout: float = 0.1):
         super().__init__()
         self.affine_matrix = nn.Linear(in_dim, d_model)
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout) for _ in range(layers)
+            AttentionLayer(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout) for _ in range(layers)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                    # [B, T, in] -> [B, T, d]
         x = self.affine_matrix(x)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, x)
         return x
 
 
-class DecoderLayer(nn.Module):
-    """Cross-modal relation attention: the query attends to [other modality, itself] along time.
-
-    q = norm1(q + drop(attn(q, [other; q]))); q = norm2(q + drop(FFN(q))). The reference layer also
-    registers a self-attention that it never calls; it is not built here.
-    """
-
-    def __init__(self, *, d_model: int = 256, heads: int = 4, ff_dim: int = 2048, dropout: float = 0.1):
-        super().__init__()
-        self.cross_attn = MultiheadAttention(d_model=d_model, heads=heads, dropout=dropout)
-        self.ffn = FeedForward(d_model=d_model, ff_dim=ff_dim, dropout=dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, q: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """q [B, T, d], other [B, T', d] -> [B, T, d]."""
-        memory = torch.cat([other, q], dim=1)                              # [B, T' + T, d], other first
-        q = self.norm1(q + self.dropout1(self.cross_attn(q, memory)))
-        return self.norm2(q + self.dropout2(self.ffn(q)))
-
-
 class Decoder(nn.Module):
-    """affine_matrix (in_dim -> d_model) on the query stream, then one decoder layer."""
+    """affine_matrix (in_dim -> d_model) on the query stream, then one relation-attention layer.
+
+    The query attends to [other modality, itself] along time, other first. The reference decoder
+    layer also registers a self-attention that it never calls; it is not built here.
+    """
 
     def __init__(self, *, in_dim: int, d_model: int = 256, heads: int = 4, ff_dim: int = 2048,
                  dropout: float = 0.1):
         super().__init__()
         self.affine_matrix = nn.Linear(in_dim, d_model)
-        self.layer = DecoderLayer(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout)
+        self.layer = AttentionLayer(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """x [B, T, in] (queries), other [B, T', d] (encoded other modality) -> [B, T, d]."""
-        return self.layer(self.affine_matrix(x), other)
+        q = self.affine_matrix(x)                                          # [B, T, d]
+        return self.layer(q, torch.cat([other, q], dim=1))                 # memory [B, T' + T, d]
 
 
 class CrossModalInteraction(nn.Module):
