@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from avel import metrics
+from avel.cli import build_parser, main
 from avel.data.datasets import AVEData
 from avel.engine.train import train
 
