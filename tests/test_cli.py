@@ -130,3 +130,18 @@ def test_convert_original_missing_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("avel convert-original: error: ") and "AV_att.pt" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_original_of_a_follow_up_file_then_evaluate_its_card(tmp_path, fixtures_dir, capsys):
+    """The PSP release format through the CLI: kind from the pickled class, card with the AVE facts."""
+    src = fixtures_dir / "followups" / "psp" / "PSP_fully_whole_legacy_cuda.pt"
+    assert main(["convert-original", str(src), str(tmp_path / "psp")]) == 0
+    assert "psp, supervised task" in capsys.readouterr().out
+    model, card = avel.load(tmp_path / "psp")
+    assert card.model == "psp" and card.source["kind"] == "psp" and len(card.class_names) == 29
+    assert card.feature_spec.visual.backbone == "vgg19-pool5"
+    (tmp_path / "file").write_text("x")
+    assert main(["convert-original", str(src), str(tmp_path / "file")]) == 2
+    assert "destination is a file" in capsys.readouterr().err
+    assert main(["convert-original", str(src), str(tmp_path / "x"), "--kind", "cmbs"]) == 2
+    assert "error:" in capsys.readouterr().err

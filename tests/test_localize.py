@@ -293,3 +293,33 @@ def test_overlay_and_colormap():
     assert o.shape == frame.shape and not np.array_equal(o[2, 12], o[12, 2])   # hot cell differs from cold
     g = grid_image(np.zeros((7, 10, 12, 3), np.uint8), classes=[0, 1, 3, 3, 2, 0, 1], background=3, cols=5)
     assert g.shape == (2 * (10 + 6) + 3 * 4, 5 * 12 + 6 * 4, 3)
+
+
+# ---------------------------------------------------------------------------------------------- every model
+
+SMALL = {"hidden": 16, "att_hidden": 32, "head_hidden": 16, "d_model": 32, "ff_dim": 64, "channel_hidden": 32,
+         "spatial_hidden": 16, "bottleneck": 16}
+SEGMENT_MODELS = [m for m in avel.available_models() if "segment_scores" in model_class(m).outputs]
+
+
+@pytest.mark.parametrize("name", SEGMENT_MODELS)
+def test_every_segment_model_localizes_a_video_and_reports_it(work, tmp_path, name):
+    """A checkpoint of any registered segment model: `avel localize --report` on a real clip, attention
+    maps drawn exactly when the model returns audio-guided attention."""
+    torch.manual_seed(0)
+    cls = model_class(name)
+    task = getattr(cls, "tasks", ("supervised",))[0]
+    allowed = complete_arguments(name, {})
+    kwargs = {k: v for k, v in SMALL.items() if k in allowed}
+    ckpt = save_model(tmp_path / "ckpt", name, task=task, spec=REAL_SPEC, audio_dim=128, visual_dim=1280,
+                      grid=GRID, num_classes=len(CLASSES), **kwargs)
+    out = tmp_path / "out"
+    assert main(["localize", str(work["clips"]["3s"]), "--checkpoint", str(ckpt), "--out", str(out),
+                 "--report"]) == 0
+    result = json.loads((out / "three.json").read_text())
+    assert result["seconds"] == 3 and len(result["labels"]) == 3
+    assert all(label in CLASSES for label in result["labels"])
+    report = (out / "report.html").read_text()
+    assert report.count('class="timeline"') == 1
+    images = report.count("data:image/png;base64,")
+    assert (images == 3) == ("attention" in cls.outputs), (name, images)

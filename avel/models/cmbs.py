@@ -115,8 +115,9 @@ class SpatialChannelAttention(AudioGuidedChannelSpatialAttention):
 
 
 def top_k_mean(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, T, K] -> [B, K]: per class, the mean of the k largest values along time (needs T >= k)."""
-    return x.topk(k, dim=1).values.mean(dim=1)
+    """[B, T, K] -> [B, K]: per class, the mean of the k largest values along time."""
+    # A clip shorter than k seconds (a user's 3 s video) averages all of its segments.
+    return x.topk(min(k, x.shape[1]), dim=1).values.mean(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
