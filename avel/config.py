@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 TASKS = ("supervised", "weak", "cml")
+DEFAULT_RECIPE = "modern"           # what `avel train` runs unless a recipe is named
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,7 @@ class OptimConfig:
     warmup_fraction: float = 0.0    # linear warm-up as a fraction of the run's iterations (scales with the run)
     final_lr_fraction: float = 0.0  # cosine: the lr at the end, as a fraction of lr
     grad_clip: float = 0.0          # max total L2 norm of the gradients; 0 = off
+    ema_fraction: float = 0.0       # validate and save an EMA of the weights, time constant this fraction of the run's iterations; 0 = off
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class RunConfig:
     batch_size: int = 64            # videos (or cml pairs) per step
     drop_last: bool = False         # drop the last partial batch of each epoch (as some reference scripts)
     loss: str = "softmax_mlsm"      # task loss for models without their own terms: softmax_mlsm (2018) | ce
+    label_smoothing: float = 0.0    # ce only: weight of the uniform distribution mixed into the one-hot target
     loss_weights: dict = field(default_factory=dict)   # weights of a model's named loss terms (over its defaults)
     shuffle: bool = False           # reshuffle the training rows every epoch
     eval_every: int = 5             # validate every N epochs (and after the last)
@@ -109,6 +112,9 @@ class RunConfig:
             (0 <= self.optim.warmup_fraction < 1, "optim.warmup_fraction", "in [0, 1)"),
             (self.optim.warmup_iters >= 0, "optim.warmup_iters", "0 or more"),
             (self.optim.grad_clip >= 0, "optim.grad_clip", "0 (off) or positive"),
+            (0 <= self.optim.ema_fraction <= 1, "optim.ema_fraction", "in [0, 1] (0 = off)"),
+            (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
+            (self.label_smoothing == 0 or self.loss == "ce", "label_smoothing", "0 unless loss is ce"),
             (self.data.layout in ("auto", "h5", "packed"), "data.layout", "auto, h5 or packed"),
             (self.data.val_split != "test", "data.val_split", "a validation split: selecting on test is refused"),
         ]
@@ -300,7 +306,8 @@ def resolve_run_config(*, config_file: str | Path | None = None, recipe_name: st
                 raise ConfigError(f"{flag} {value} contradicts {config_file} ({key}: {getattr(config, key)}); "
                                   f"drop {flag} or edit the file")
     else:
-        config = recipe(recipe_name or "original", task or "supervised", model)
+        # No recipe named: the recommended one (``original`` stays the 2018 protocol, by name).
+        config = recipe(recipe_name or DEFAULT_RECIPE, task or "supervised", model)
         if model is not None:
             config = replace(config, model=model)
     set_keys = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}

@@ -27,8 +27,8 @@ from .models.cml import pairwise_distance
 from .models.registry import model_name
 
 
-def segment_losses(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-video loss [B] from logits [B, ..., C] and one-hot targets of the same shape."""
+def segment_losses(logits: torch.Tensor, target: torch.Tensor, kind: str, smoothing: float = 0.0) -> torch.Tensor:
+    """Per-video loss [B] from logits [B, ..., C] and one-hot targets of the same shape (``smoothing``: ce only)."""
     if kind == "softmax_mlsm":
         # The 2018 code: MultiLabelSoftMarginLoss (sigmoid BCE averaged over every element)
         # applied to the *softmax probabilities*, not to logits.
@@ -36,7 +36,8 @@ def segment_losses(logits: torch.Tensor, target: torch.Tensor, kind: str) -> tor
         bce = F.binary_cross_entropy_with_logits(probs, target, reduction="none")
         return bce.flatten(1).mean(1)
     if kind == "ce":
-        ce = F.cross_entropy(logits.flatten(0, -2), target.flatten(0, -2).argmax(-1), reduction="none")
+        ce = F.cross_entropy(logits.flatten(0, -2), target.flatten(0, -2).argmax(-1), reduction="none",
+                             label_smoothing=smoothing)
         return ce.view(logits.shape[0], -1).mean(1)
     raise ValueError(f"unknown loss {kind!r} for this task (softmax_mlsm | ce)")
 
@@ -65,6 +66,7 @@ class SupervisedTask:
     loss: str = "softmax_mlsm"
     selection_key: str = "accuracy"
     loss_weights: dict = field(default_factory=dict)   # recipe overrides of a model's term weights
+    label_smoothing: float = 0.0            # ce only (RunConfig.label_smoothing)
 
     output: str = "segment_scores"          # what every model must return for this task
 
@@ -86,7 +88,7 @@ class SupervisedTask:
 
     def default_terms(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
         """The task's own loss, for models without the loss-term hook: every segment's class."""
-        return {"segment": segment_losses(out["logits"], batch["target"], self.loss)}
+        return {"segment": segment_losses(out["logits"], batch["target"], self.loss, self.label_smoothing)}
 
     def loss_terms(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """Named, weighted per-video loss terms [B]; the training loss is their sum."""
@@ -145,7 +147,8 @@ class WeakTask(SupervisedTask):
 
     def default_terms(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
         # The 2018 MIL rule: the video score is the max over time of the segment logits.
-        return {"video": segment_losses(out["logits"].max(dim=1).values, batch["video_label"], self.loss)}
+        return {"video": segment_losses(out["logits"].max(dim=1).values, batch["video_label"], self.loss,
+                                        self.label_smoothing)}
 
     def predict(self, model, batch: dict) -> dict[str, np.ndarray]:
         out = model(batch["audio"], batch["visual"])
@@ -270,12 +273,14 @@ def check_model(task, model_cls: type) -> None:
 
 def build_task(config: RunConfig):
     if config.task == "supervised":
-        return SupervisedTask(loss=config.loss, loss_weights=dict(config.loss_weights))
+        return SupervisedTask(loss=config.loss, loss_weights=dict(config.loss_weights),
+                              label_smoothing=config.label_smoothing)
     if config.task == "weak":
         key = {"default": "video_accuracy", "video": "video_accuracy", "segment": "accuracy"}.get(config.selection)
         if key is None:
             raise ValueError(f"weak task selection must be 'video' or 'segment', not {config.selection!r}")
-        return WeakTask(loss=config.loss, selection_key=key, loss_weights=dict(config.loss_weights))
+        return WeakTask(loss=config.loss, selection_key=key, loss_weights=dict(config.loss_weights),
+                        label_smoothing=config.label_smoothing)
     if config.task == "cml":
         return CrossModalTask(margin=config.margin)
     raise ValueError(f"unknown task {config.task!r} (supervised | weak | cml)")

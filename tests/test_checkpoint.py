@@ -119,14 +119,12 @@ def _card(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
-@pytest.mark.parametrize("case", ["wrong_shape", "missing", "extra", "not_json", "list", "no_model", "unknown_model",
-                                  "unknown_kwarg", "wrong_type", "huge_hidden", "truncated", "lying_header",
-                                  "old_layout_not_json"])
-def test_broken_checkpoint_folders_fail_with_one_clear_error(tmp_path, good_run, case):
-    import resource
-    import time
+BROKEN_FOLDERS = ["wrong_shape", "missing", "extra", "not_json", "list", "no_model", "unknown_model",
+                  "unknown_kwarg", "wrong_type", "huge_hidden", "truncated", "lying_header", "old_layout_not_json"]
 
-    folder = _copy(good_run, tmp_path / "ckpt")
+
+def break_checkpoint(folder: Path, case: str) -> Path:
+    """Break the checkpoint folder ``folder`` in place the way ``case`` says (one of BROKEN_FOLDERS)."""
     state = load_file(str(folder / "model.safetensors"))
     card = _card(folder)
     key = sorted(state)[0]
@@ -159,6 +157,15 @@ def test_broken_checkpoint_folders_fail_with_one_clear_error(tmp_path, good_run,
         (folder / "model.safetensors").write_bytes(bytes(data))
     elif case == "old_layout_not_json":
         _rewrite(folder, card="{not json", embed=False)
+    return folder
+
+
+@pytest.mark.parametrize("case", BROKEN_FOLDERS)
+def test_broken_checkpoint_folders_fail_with_one_clear_error(tmp_path, good_run, case):
+    import resource
+    import time
+
+    folder = break_checkpoint(_copy(good_run, tmp_path / "ckpt"), case)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     with pytest.raises(checkpoint.CheckpointError) as err:

@@ -343,10 +343,16 @@ def test_real_torch_would_run_the_payload(followups, tmp_path):
     assert target.exists()
 
 
-def test_wrong_parameter_shape_2018(fixtures_dir, tmp_path):
+def wrong_shape_2018(fixtures_dir, tmp):
+    """The official A+V-att state dict with ``L1.weight`` of the wrong width (an av_att file)."""
     sd = read_original(fixtures_dir / "original" / "AV_att_state_dict.pt").state_dict
     sd["L1.weight"] = torch.zeros(sd["L1.weight"].shape[0], 100)
-    path = tmp_path / "wrong_shape.pt"
+    path = tmp / "wrong_shape.pt"
     torch.save(sd, path)
+    return path
+
+
+def test_wrong_parameter_shape_2018(fixtures_dir, tmp_path):
+    path = wrong_shape_2018(fixtures_dir, tmp_path)
     with pytest.raises(OriginalCheckpointError, match=r"wrong_shape\.pt.*head\.L1\.weight"):
         load_original(path, kind="av_att")

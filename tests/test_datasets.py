@@ -69,16 +69,11 @@ def test_categories_txt_fixes_the_order(tmp_path, ave_dir):
         AVEData.open(root)
 
 
-@pytest.mark.parametrize("breakage", ["2d_audio", "spec_not_json", "group", "complex", "string", "scalar",
-                                      "float_order", "huge"])
-def test_data_check_refuses_what_training_refuses(tmp_path, breakage):
-    """`avel data check` and training agree: a folder one refuses, the other refuses too."""
-    from avel.data.checks import check_folder
-    from avel.data.errors import DataError
+BROKEN_DATA = ["2d_audio", "spec_not_json", "group", "complex", "string", "scalar", "float_order", "huge"]
 
-    from _coredata import synth
 
-    root = synth(tmp_path / "ave", videos=12, background_videos=0)
+def break_data_folder(root, breakage: str):
+    """Break the synthetic AVE folder ``root`` (12 videos) in place as ``breakage`` says (one of BROKEN_DATA)."""
     if breakage == "2d_audio":
         write_h5(root / "audio_feature.h5", np.zeros((12, 160), np.float32))
     elif breakage == "spec_not_json":
@@ -99,6 +94,19 @@ def test_data_check_refuses_what_training_refuses(tmp_path, breakage):
         (root / "visual_feature.h5").unlink()
         with h5py.File(root / "visual_feature.h5", "w") as f:      # ~10 KB on disk, 73 GiB declared
             f.create_dataset("avadataset", shape=(12, 10, 7, 7, 4_000_000), dtype=np.float32, chunks=(1, 1, 1, 1, 1000))
+    return root
+
+
+@pytest.mark.parametrize("breakage", BROKEN_DATA)
+def test_data_check_refuses_what_training_refuses(tmp_path, breakage):
+    """`avel data check` and training agree: a folder one refuses, the other refuses too."""
+    from avel.data.checks import check_folder
+    from avel.data.errors import DataError
+
+    from _coredata import synth
+
+    root = synth(tmp_path / "ave", videos=12, background_videos=0)
+    break_data_folder(root, breakage)
     with pytest.raises(DataError) as err:
         AVEData.open(root).split("train")
     assert str(root) in str(err.value)

@@ -227,3 +227,56 @@ def test_stream_with_unknown_length_matches_decode_video(tmp_path, monkeypatch):
     assert vs.seconds == whole.seconds == 3
     np.testing.assert_array_equal(frames, whole.frames)
     assert vs.flags == whole.flags
+
+
+# ---------------------------------------------------------------------------------------------- streamed sound
+
+def _take_all(path, **kw):
+    """VideoStream with take_audio() after every second: the pieces, the rest (``waveform``) and the stream."""
+    pieces = []
+    with VideoStream(path, **kw) as vs:
+        for _ in vs:
+            pieces.append(vs.take_audio())
+    return pieces, vs
+
+
+@pytest.mark.parametrize("kw", [{}, {"seconds": 5}, {"seconds": 2}, {"seconds": 4, "sample_rate": 8000}])
+def test_take_audio_hands_out_the_waveform_in_order(clip3, kw):
+    """The samples taken second by second, then the rest in ``waveform``, are decode_video's waveform exactly
+    (padded or cut to T as it is), and the flags are the same: the sound streams instead of being held."""
+    whole = decode_video(clip3, **kw)
+    pieces, vs = _take_all(clip3, **kw)
+    got = np.concatenate([*pieces, vs.waveform])
+    np.testing.assert_array_equal(got, whole.waveform)
+    assert vs.audio_taken == sum(map(len, pieces)) > 0
+    assert len(vs.waveform) == len(whole.waveform) - vs.audio_taken
+    assert max(map(len, pieces)) <= 2 * vs.sample_rate                  # never the whole sound at once
+    assert vs.flags == whole.flags and vs.seconds == whole.seconds
+
+
+def test_take_audio_with_unknown_length_and_without_sound(tmp_path, monkeypatch):
+    path = write_clip(tmp_path / "r.mp4", color_frames(RGB, 10, (16, 16)), 10, tone(3))
+    mute = write_clip(tmp_path / "m.mp4", color_frames(RGB, 10, (16, 16)), 10, None)
+    monkeypatch.setattr(dec, "_container_duration", lambda c: None)
+    for p in (path, mute):
+        whole = decode_video(p)
+        pieces, vs = _take_all(p)
+        got = np.concatenate([*pieces, vs.waveform])[: whole.seconds * 16000]
+        np.testing.assert_array_equal(got, whole.waveform)
+        assert vs.flags == whole.flags
+    assert vs.flags["no_audio"] and vs.audio_taken == 0
+
+
+def test_files_that_are_not_videos_fail_at_once_naming_the_file(tmp_path):
+    """A folder named like a video, a broken link and a fifo (opening it would wait forever for a writer)
+    raise VideoDecodeError with the reason, before FFmpeg touches them."""
+    import os
+
+    (tmp_path / "dir.mp4").mkdir()
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "gone.mp4")
+    os.mkfifo(tmp_path / "pipe.mp4")
+    for name, reason in (("dir.mp4", "is a folder"), ("link.mp4", "broken symbolic link"),
+                         ("pipe.mp4", "not a regular file"), ("absent.mp4", "no such file")):
+        with pytest.raises(VideoDecodeError, match=f"{name}: {reason}"):
+            decode_video(tmp_path / name)
+    assert dec.file_problem(tmp_path / "link.mp4") == f"broken symbolic link (to {tmp_path / 'gone.mp4'})"

@@ -352,3 +352,203 @@ def test_cli_visual_size_is_recorded_and_refused_where_fixed(tmp_path):
         assert f["avadataset"].shape == (1, 2, 2, 2, 1280)
     assert main(["extract", str(clip.parent), "--out", str(tmp_path / "vgg"), "--visual", "vgg19-pool5",
                  "--visual-weights", "random", "--visual-size", "64", "--no-progress"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- streamed sound
+
+class BlockAudio(FakeAudio):
+    """FakeAudio that records the longest waveform it was handed."""
+
+    longest = 0
+
+    def __call__(self, waveform, seconds):
+        self.longest = max(self.longest, len(waveform))
+        return super().__call__(waveform, seconds)
+
+
+@pytest.mark.parametrize("kw", [{}, {"seconds": 14}, {"seconds": 5}])
+def test_streamed_sound_gives_the_whole_waveform_features(long_clip, monkeypatch, kw):
+    """The audio backbone runs on blocks of AUDIO_BLOCK_SECONDS as the sound is decoded, never on the whole
+    waveform, and the features equal those of one call on decode_video's whole waveform, bit for bit (the
+    logmel backbone included), whatever the chunking."""
+    from avel.features.backbones.logmel import LogMelBackbone
+    from avel.features.decode import decode_video
+
+    monkeypatch.setattr(extract_video_module, "AUDIO_BLOCK_SECONDS", 5)
+    whole = decode_video(long_clip, fps=4, size=(8, 8), **kw)
+    for backbone in (FakeAudio(), LogMelBackbone()):
+        expect = backbone(whole.waveform, whole.seconds)
+        for chunk in (None, 1, 3):
+            audio = BlockAudio() if isinstance(backbone, FakeAudio) else backbone
+            f = extract_video(long_clip, audio_backbone=audio, visual_backbone=FakeVisual(), fps=4, batch_frames=6,
+                              chunk_seconds=chunk, frame_size=(8, 8), **kw)
+            np.testing.assert_array_equal(f.audio, expect)
+            if isinstance(audio, BlockAudio):
+                assert audio.longest <= 5 * 16000
+    assert whole.seconds == kw.get("seconds", 12)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+@pytest.fixture
+def fake_cli_backbones(monkeypatch):
+    """`avel extract` with the tiny fake backbones (the CLI's own backbones are tested above)."""
+    monkeypatch.setattr("avel.cli.extract.build_backbones", lambda *a, **k: (FakeAudio(), FakeVisual()))
+
+
+def _cli(inputs, out, *extra):
+    return main(["extract", *map(str, inputs), "--out", str(out), "--seconds", "3", "--fps", "2", "--workers", "1",
+                 "--no-progress", *extra])
+
+
+def test_folder_gives_a_row_to_every_video_name(videos, tmp_path, fake_cli_backbones, capsys):
+    """A folder named x.mp4, a broken link, a fifo (which must not hang) are rows that fail naming the file
+    and saying why; the good clip is extracted; hidden names and other extensions are not videos; exit 1."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.mp4").write_bytes((videos / "v0.mp4").read_bytes())
+    (d / "b_dir.mp4").mkdir()
+    (d / "c_link.mp4").symlink_to(d / "gone.mp4")
+    os.mkfifo(d / "d_pipe.mp4")
+    (d / ".hidden.mp4").write_bytes(b"x")
+    (d / "notes.txt").write_text("not a video\n")
+    assert _cli([d], tmp_path / "out") == 1
+    man = read_manifest(tmp_path / "out")
+    assert [m["video_id"] for m in man] == ["a", "b_dir", "c_link", "d_pipe"]
+    assert [m["status"] for m in man] == ["ok", "failed", "failed", "failed"]
+    reasons = ["is a folder", "broken symbolic link", "not a regular file"]
+    for m, reason in zip(man[1:], reasons):
+        assert m["error"].startswith(f"{d / m['video_id']}.mp4: {reason}") and "\n" not in m["error"]
+    assert man[2]["path"] == str(d / "c_link.mp4")                # the link, not its missing target
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("avel extract: failed: row ") for line in err)
+    assert "Traceback" not in "".join(err)
+    assert open_store(tmp_path / "out").read([0])["visual"].any()
+
+
+def test_listed_inputs_each_get_a_row(videos, tmp_path, fake_cli_backbones, capsys):
+    """Video paths on the command line and lines of a list: a broken link, a missing file or a folder is a
+    failed row naming it, not the end of the run."""
+    (tmp_path / "broken.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    (tmp_path / "folder.mkv").mkdir()
+    args = [videos / "v0.mp4", tmp_path / "broken.mp4", tmp_path / "missing.mp4", videos / "v1.mp4"]
+    assert _cli(args, tmp_path / "out") == 1
+    man = read_manifest(tmp_path / "out")
+    assert [m["status"] for m in man] == ["ok", "failed", "failed", "ok"]
+    assert "broken.mp4: broken symbolic link" in man[1]["error"] and "missing.mp4: no such file" in man[2]["error"]
+    capsys.readouterr()
+
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{videos / 'v2.mp4'}\nbroken.mp4\nfolder.mkv\n")
+    assert _cli([lst], tmp_path / "out2") == 1
+    man = read_manifest(tmp_path / "out2")
+    assert [m["status"] for m in man] == ["ok", "failed", "failed"]
+    assert "folder.mkv: is a folder" in man[2]["error"]
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2
+
+    # an input that is no video, list or folder at all is still one clear error, before anything runs
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(bytes(range(256)) * 4)
+    assert _cli([blob], tmp_path / "out3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "blob.bin: not a video" in err[0]
+
+
+def test_annotations_row_names_the_folder_that_is_no_video(tmp_path):
+    vids = tmp_path / "AVE"
+    _clip(vids / "aaa.mp4")
+    (vids / "bbb.mp4").mkdir()
+    (tmp_path / "Annotations.txt").write_text("Dog&aaa&good&0&2\nDog&bbb&good&1&3\n")
+    items, found = collect_videos([tmp_path / "Annotations.txt"])
+    res = _run(items, tmp_path / "out", annotations=found)
+    man = read_manifest(tmp_path / "out")
+    assert res.failed == 1 and man[1]["status"] == "failed" and "bbb.mp4: is a folder" in man[1]["error"]
+
+
+def test_second_extraction_into_the_same_out_is_refused(videos, tmp_path, fake_cli_backbones, capsys):
+    from avel.io import FolderBusyError, FolderLock
+
+    out = tmp_path / "out"
+    with FolderLock(out):                                     # another live extraction holds the folder
+        with pytest.raises(FolderBusyError, match=f"pid {os.getpid()}"):
+            _run([str(videos / "v0.mp4")], out)
+        assert _cli([videos / "v0.mp4"], out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {os.getpid()}" in err[0] and err[0].startswith("avel extract: error: ")
+    assert _cli([videos / "v0.mp4"], out) == 0                # free again
+    with FolderLock(out):
+        with pytest.raises(FolderBusyError):
+            merge_shards(out)
+
+
+def test_stale_temporaries_are_removed_on_start(videos, tmp_path):
+    """What a killed run left (a store file's temporary, a part's) goes when the next run starts; the run
+    then completes as a fresh one would."""
+    out = tmp_path / "out"
+    items = [str(videos / "v0.mp4"), str(videos / "v1.mp4")]
+    with pytest.raises(BackboneCrash):
+        _run(items, out, visual_backbone=FakeVisual(fail_on=2))
+    stale = [out / ".visual_feature.h5.k1ll3d.tmp", out / PARTS / ".000001.npz.k1ll3d.tmp"]
+    for p in stale:
+        p.write_bytes(b"\0" * 9_000_000)
+    keep = out / "notes.tmp"                                   # not a temporary of ours
+    keep.write_text("mine")
+    res = _run(items, out)
+    assert res.resumed == 1 and res.processed == 1
+    assert not any(p.exists() for p in stale) and keep.read_text() == "mine"
+    assert not list(out.rglob(".*.tmp"))
+    _run(items, tmp_path / "fresh")
+    for name in ("audio_feature.h5", "visual_feature.h5"):
+        np.testing.assert_array_equal(_h5(out / name), _h5(tmp_path / "fresh" / name))
+
+
+@pytest.mark.parametrize("where", ["part", "space", "h5", "manifest"])
+def test_full_disk_is_one_line_and_a_rerun_completes(videos, tmp_path, monkeypatch, fake_cli_backbones, capsys,
+                                                      where):
+    """No space left while writing a part, for the h5 files (found before HDF5 writes: h5py crashes on a full
+    disk), in them, or for the manifest: one line naming the file, exit 2,
+    no temporaries, no store that looks finished (no manifest, no feature files of the failed finish);
+    the finished parts are kept and the rerun completes to the store of an uninterrupted run."""
+    import errno
+    from collections import namedtuple
+
+    from avel.features.extract import writer
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    inputs = [videos / "v0.mp4", videos / "v1.mp4", videos / "v2.mp4"]
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        if where == "part":
+            calls = []
+            real = np.savez
+
+            def savez(f, **arrays):                            # the second part's write fails half-way
+                calls.append(f)
+                real(f, **arrays)
+                if len(calls) == 2:
+                    full()
+
+            m.setattr(writer.np, "savez", savez)
+        elif where == "space":
+            m.setattr(writer.shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(1 << 30, 1 << 30, 4096))
+        elif where == "h5":
+            m.setattr(writer, "write_rows", full)
+        else:
+            real_atomic = writer.atomic_write
+            m.setattr(writer, "atomic_write",
+                      lambda path, data: full() if Path(path).name == "manifest.jsonl" else real_atomic(path, data))
+        assert _cli(inputs, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("avel extract: error: ") and "No space left on device" in err[0]
+    assert str(out) in err[0] and "Traceback" not in err[0]
+    assert not (out / "manifest.jsonl").exists() and not list(out.rglob(".*.tmp"))
+    assert not list(out.glob("*.h5")) and not (out / "features.json").exists()
+    assert len(list((out / PARTS).glob("*.npz"))) == (1 if where == "part" else 3)
+
+    assert _cli(inputs, out) == 0
+    assert _cli(inputs, tmp_path / "fresh") == 0
+    for name in ("audio_feature.h5", "visual_feature.h5", "visual_feature_vec.h5"):
+        np.testing.assert_array_equal(_h5(out / name), _h5(tmp_path / "fresh" / name))
+    assert read_manifest(out) == read_manifest(tmp_path / "fresh")

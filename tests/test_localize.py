@@ -148,6 +148,41 @@ def test_localize_any_length(work, key, seconds):
     assert d["seconds"] == seconds and len(d["probs"]) == seconds and d["class_names"] == CLASSES
 
 
+def test_long_clip_streams_through_in_chunks(work, monkeypatch):
+    """A clip streams through the backbones a chunk of seconds and a block of sound at a time (as `avel
+    extract` does), holding neither its frames nor its waveform whole, and localizes exactly as in one pass."""
+    import avel.features.extract.video as video
+
+    loc: Localizer = work["loc"]
+    one = Localizer(loc.model, loc.card, chunk_seconds=None).localize(work["clips"]["14s"])
+    monkeypatch.setattr(video, "AUDIO_BLOCK_SECONDS", 4)
+    audio_bb, visual_bb = loc.backbones()
+    seen = {"frames": 0, "samples": 0}
+
+    class Watch:
+        """The backbone, recording the longest input (samples or frames) it is handed."""
+
+        def __init__(self, backbone, key):
+            self.backbone, self.key = backbone, key
+
+        def __getattr__(self, name):                  # spec, input_size...
+            return getattr(self.backbone, name)
+
+        def __call__(self, x, *args):
+            seen[self.key] = max(seen[self.key], len(x))
+            return self.backbone(x, *args)
+
+    small = Localizer(loc.model, loc.card, chunk_seconds=3)
+    small._backbones = (Watch(audio_bb, "samples"), Watch(visual_bb, "frames"))
+    r = small.localize(work["clips"]["14s"])
+    assert r.seconds == 14
+    np.testing.assert_array_equal(r.probs, one.probs)
+    np.testing.assert_array_equal(r.attention, one.attention)
+    assert seen["samples"] <= 4 * 16000 and 0 < seen["frames"] <= 64
+    with pytest.raises(ValueError, match="chunk_seconds"):
+        Localizer(loc.model, loc.card, chunk_seconds=0)
+
+
 def test_precomputed_features(work):
     loc: Localizer = work["loc"]
     rng = np.random.default_rng(0)

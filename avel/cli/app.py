@@ -15,6 +15,7 @@ import traceback
 from .._version import __version__
 from ..features.decode import VideoDecodeError
 from ..features.weights import WeightsNotFoundError
+from ..io import FolderBusyError
 from . import convert, data, demo, evaluate, extract, localize, models, train, visualize
 from .args import groups
 
@@ -22,8 +23,9 @@ log = logging.getLogger("avel")
 
 COMMANDS = (demo, train, evaluate, models, convert, data, extract, localize, visualize)   # in --help order
 # What the library raises for bad input: data, configs, checkpoints and cards (ValueError and its
-# subclasses), unknown names (KeyError), files (OSError), undecodable videos.
-LIBRARY_ERRORS = (ValueError, KeyError, OSError, VideoDecodeError)
+# subclasses), unknown names (KeyError), files (OSError), undecodable videos, a folder another live
+# run holds (FolderBusyError).
+LIBRARY_ERRORS = (ValueError, KeyError, OSError, VideoDecodeError, FolderBusyError)
 
 
 def build_parser() -> argparse.ArgumentParser:

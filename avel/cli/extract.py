@@ -1,11 +1,20 @@
-"""``avel extract``: videos -> a feature store; ``avel extract merge OUT`` joins finished shards."""
+"""``avel extract``: videos -> a feature store; ``avel extract merge OUT`` joins finished shards.
+
+Every video given or found gets a manifest row. Exit code 0 when every row was extracted, 1 when some
+failed (each named with its one-line reason on stderr and in ``manifest.jsonl``; the others are in the
+store), 2 when nothing could run (a bad input list, the backbones, another extraction holding
+``--out``, a full disk: one line ``avel extract: error: ...``).
+"""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..features import build_backbones
-from ..features.extract import collect_videos, extract, merge_shards, shard_from_env
+from ..features.extract import collect_videos, extract, merge_shards, read_manifest, shard_from_env
 from .args import Groups
+
+SHOWN_FAILURES = 20     # failed rows listed on stderr (all are in the manifest)
 
 
 class UsageError(ValueError):
@@ -37,8 +46,9 @@ def run(args) -> int:
     if args.inputs[0] == "merge":
         if len(args.inputs) != 2:
             raise UsageError("usage: avel extract merge OUT")
-        print(merge_shards(args.inputs[1]))
-        return 0
+        result = merge_shards(args.inputs[1])
+        print(result)
+        return report_failures(result)
     if args.out is None:
         raise UsageError("--out is required")
     items, annotations = collect_videos(args.inputs, video_dir=args.video_dir)
@@ -51,4 +61,17 @@ def run(args) -> int:
                      shard_index=shard_index, progress=not args.no_progress, annotations=annotations,
                      keep_parts=args.keep_parts, retry_failed=args.retry_failed)
     print(result)
-    return 0
+    return report_failures(result)
+
+
+def report_failures(result) -> int:
+    """One stderr line per failed row (the first SHOWN_FAILURES); 1 when any failed, else 0."""
+    if not result.failed:
+        return 0
+    failed = [m for m in read_manifest(result.out_dir) if m["status"] == "failed"]
+    for m in failed[:SHOWN_FAILURES]:
+        print(f"avel extract: failed: row {m['row']}: {m['error']}", file=sys.stderr)
+    if len(failed) > SHOWN_FAILURES:
+        print(f"avel extract: ... and {len(failed) - SHOWN_FAILURES} more failed rows (see {result.manifest})",
+              file=sys.stderr)
+    return 1

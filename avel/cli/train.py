@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import TASKS, available_recipes, resolve_run_config
+from ..config import DEFAULT_RECIPE, TASKS, available_recipes, resolve_run_config
 from ..engine import train as trainer
+from ..models import model_class
 from .args import Groups
 
 
@@ -13,7 +14,8 @@ def add(sub, g: Groups) -> None:
                        help="train a model (any task, any registered model)")
     p.add_argument("--model", help="registered model name (see `avel models`)")
     p.add_argument("--task", choices=list(TASKS), help="supervised (default), weak or cml")
-    p.add_argument("--recipe", choices=available_recipes(), help="training recipe (default: original)")
+    p.add_argument("--recipe", choices=available_recipes(),
+                   help=f"training recipe (default: {DEFAULT_RECIPE}, the recommended one; original = the 2018 code)")
     p.add_argument("--config", type=Path, help="YAML run config, instead of a recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
@@ -34,8 +36,11 @@ def add(sub, g: Groups) -> None:
 
 
 def run(args) -> int:
+    task = args.task
+    if task is None and args.model is not None and args.config is None:
+        task = model_class(args.model).tasks[0] if hasattr(model_class(args.model), "tasks") else None
     config = resolve_run_config(
-        config_file=args.config, recipe_name=args.recipe, task=args.task, model=args.model,
+        config_file=args.config, recipe_name=args.recipe, task=task, model=args.model,
         overrides=args.overrides, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
         selection=args.selection, background=args.background or None,
         official_background=False if args.no_official_background else None,

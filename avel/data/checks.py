@@ -139,9 +139,10 @@ def check_folder(root: str | Path, *, scan_values: bool = True, chunk: int = 64)
             continue
         if shape[0] != n:
             rep.problems.append(f"{name}: {shape[0]} rows but Annotations.txt has {n}")
-    seg = {s[1] for k, s in shapes.items() if len(s) >= 2 and "mil" not in k and "noisy" not in k}
-    if len(seg) > 1:
-        rep.problems.append(f"segment counts disagree between files: {sorted(seg)}")
+    seg = {k: s[1] for k, s in shapes.items() if len(s) >= 2 and "mil" not in k and "noisy" not in k}
+    if len(set(seg.values())) > 1:
+        rep.problems.append("segment counts disagree between files: "
+                            + ", ".join(f"{k} has {v}" for k, v in sorted(seg.items())))
     if "labels.h5" in shapes and shapes["labels.h5"][-1] != ann.num_classes:
         rep.problems.append(f"labels.h5 has {shapes['labels.h5'][-1]} classes, annotations give {ann.num_classes}")
     noisy = [shapes.get(k, (None,))[0] for k in ("audio_feature_noisy.h5", "visual_feature_noisy.h5", "labels_noisy.h5")]

@@ -41,6 +41,29 @@ class SynthConfig:
     seed: int = 0
     splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
+    def __post_init__(self):
+        """Refuse what cannot make a folder (before anything is written), naming the field."""
+        def whole(name: str, value, least: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"synthetic data: {name} must be a whole number >= {least}, got {value!r}")
+
+        whole("classes", self.classes, 2)                  # a video's distractors are the other classes
+        whole("videos", self.videos, max(1, self.classes))  # the first rows hold one video of every class
+        whole("segments", self.segments, 2)
+        whole("audio_dim", self.audio_dim, 1)
+        whole("visual_dim", self.visual_dim, 1)
+        whole("background_videos", self.background_videos, 0)
+        if len(self.grid) != 2:
+            raise ValueError(f"synthetic data: grid must be (height, width), got {self.grid!r}")
+        for side in self.grid:
+            whole("grid", side, 1)
+        if not (np.isfinite(self.noise) and self.noise >= 0):
+            raise ValueError(f"synthetic data: noise must be a finite number >= 0, got {self.noise!r}")
+        if len(self.splits) != 3 or not all(np.isfinite(s) and s >= 0 for s in self.splits) \
+                or sum(self.splits) > 1 + 1e-9:
+            raise ValueError(f"synthetic data: splits must be three fractions >= 0 summing to at most 1, "
+                             f"got {self.splits!r}")
+
 
 CLASS_NAMES = ["Church bell", "Dog bark", "Violin", "Helicopter", "Train horn", "Chainsaw", "Cat", "Banjo",
                "Motorcycle", "Goat", "Accordion", "Flute", "Clock", "Truck", "Bus", "Horse"]

@@ -161,10 +161,15 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> Loade
 # --- resumable training state (no pickle: tensors and JSON in one safetensors file) ----------------
 
 def save_training_state(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler, info: dict) -> None:
-    """Everything a killed run needs to continue exactly, written as ONE file (one atomic rename)."""
+                        scheduler, info: dict, average: nn.Module | None = None) -> None:
+    """Everything a killed run needs to continue exactly, written as ONE file (one atomic rename).
+
+    ``average`` is the run's moving average of the weights, when it keeps one.
+    """
     opt = optimizer.state_dict()
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors.update({f"average.{k}": v for k, v in average.state_dict().items()})
     scalars: dict[str, dict] = {}
     for pid, slots in opt["state"].items():
         for name, value in slots.items():
@@ -179,7 +184,7 @@ def save_training_state(folder: str | Path, *, model: nn.Module, optimizer: torc
 
 
 def load_training_state(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler) -> dict | None:
+                        scheduler, average: nn.Module | None = None) -> dict | None:
     """Restore what :func:`save_training_state` wrote; returns its info dict (None if absent)."""
     path = Path(folder) / STATE
     if not path.is_file():
@@ -194,6 +199,10 @@ def load_training_state(folder: str | Path, *, model: nn.Module, optimizer: torc
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if average is not None:
+        if not any(k.startswith("average.") for k in tensors):
+            raise CheckpointError(f"{path}: the run kept no average of the weights to resume")
+        average.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("average.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

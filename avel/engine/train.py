@@ -8,6 +8,7 @@ Under torchrun each rank takes its slice of every global batch and only rank 0 w
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -96,6 +97,27 @@ def make_schedule(optimizer, config: RunConfig, total_iters: int, iters_per_epoc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class WeightAverage:
+    """An exponential moving average of the weights whose time constant is a fraction of the run.
+
+    decay = 1 - 1 / (fraction x the run's iterations), capped by step / (step + 9) at the start so the
+    initial weights fade out quickly; buffers are copied. The average is what is validated and saved.
+    """
+
+    def __init__(self, model: torch.nn.Module, fraction: float, total_iters: int):
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.decay = 1.0 - 1.0 / max(1.0, fraction * total_iters)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Fold in ``model``'s weights after ``step`` optimizer steps (1, 2, ...)."""
+        keep = min(self.decay, step / (step + 9))
+        for avg, p in zip(self.model.parameters(), model.parameters()):
+            avg.lerp_(p, 1.0 - keep)
+        for avg, b in zip(self.model.buffers(), model.buffers()):
+            avg.copy_(b)
+
+
 def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
@@ -107,6 +129,10 @@ def train(config: RunConfig, out_dir: str | Path, *, resume: bool = False, devic
     The run folder is locked while the run lives: a second ``train`` into it is refused.
     """
     config = config.validated()
+    try:                                    # unknown constructor arguments: refused before the run folder exists
+        complete_arguments(config.model, config.model_kwargs)
+    except TypeError as e:
+        raise ValueError(f"model_kwargs: {e}") from None
     device = check_device(device)
     threads = torch.get_num_threads()
     if config.threads:
@@ -181,6 +207,9 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
                      prefetch=auto_prefetch(device))
     iters_per_epoch = len(loader)
     scheduler = make_schedule(optimizer, config, config.epochs * iters_per_epoch, iters_per_epoch)
+    average = (WeightAverage(model, config.optim.ema_fraction, config.epochs * iters_per_epoch)
+               if config.optim.ema_fraction else None)
+    scored = average.model if average is not None else model     # the weights validated and saved
 
     history: list[dict] = []
     start_epoch, best_score, best_epoch, best_metrics = 0, -math.inf, -1, {}
@@ -189,7 +218,8 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
         remove_stale_temporaries(out_dir)         # what a killed writer left (we hold the folder lock)
         remove_stale_temporaries(last)
     if resume:
-        meta = checkpoint.load_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler)
+        meta = checkpoint.load_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler,
+                                              average=None if average is None else average.model)
         if meta is None:
             log.warning("%s: nothing to resume, starting from scratch", last)
         else:
@@ -239,6 +269,8 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update(model, scheduler.last_epoch)
             if weight:
                 for name, term in (("train_loss", per_video), *terms.items()):
                     part = term.detach().double().sum()                   # no device sync per step
@@ -256,13 +288,13 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
             improved = False
             if dist.is_main:
                 t1 = time.perf_counter()
-                val, _ = evaluate(model, task, val_src, data.class_names, device=device)
+                val, _ = evaluate(scored, task, val_src, data.class_names, device=device)
                 score = float(val[task.selection_key])
                 record["val"] = _scalars(val)
                 record["val_seconds"] = round(time.perf_counter() - t1, 3)
                 if score >= best_score:  # on ties keep the later, longer-trained weights
                     best_score, best_epoch, best_metrics, improved = score, epoch + 1, _scalars(val), True
-                    checkpoint.save(out_dir, model, card.replace(training={
+                    checkpoint.save(out_dir, scored, card.replace(training={
                         "epoch": epoch + 1, "selection": task.selection_key, "selection_score": score,
                         "selection_split": config.data.val_split, "val_metrics": best_metrics,
                         "segments": data.segments}))
@@ -273,7 +305,8 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
                 f.write(json.dumps(record) + "\n")
             checkpoint.save_training_state(last, model=model, optimizer=optimizer, scheduler=scheduler, info={
                 "epoch": epoch + 1, "best_score": best_score, "best_epoch": best_epoch,
-                "best_metrics": best_metrics, "history": history, "config": config.to_dict()})
+                "best_metrics": best_metrics, "history": history, "config": config.to_dict()},
+                average=None if average is None else average.model)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}",
                                 best=f"{best_score:.3f}" if best_epoch > 0 else "-")

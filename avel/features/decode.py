@@ -31,12 +31,16 @@ once, even when it fills several sample times, as when the source rate is below 
 the same swscale call when ``size`` is given. Video packets after ``T`` are not decoded.
 :class:`VideoStream` yields the frames second by second in the same single pass over the container (no
 seeking), so a consumer that does not keep them (``extract_video``) holds about one second of frames
-however long the video; :func:`decode_video` gathers them all.
+however long the video; :func:`decode_video` gathers them all. The waveform streams too: a consumer
+that calls :meth:`VideoStream.take_audio` as it goes gets the samples decoded so far (final: later
+packets never change them), so neither the frames nor the sound of a long clip are held whole.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +67,29 @@ class VideoDecodeError(RuntimeError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a video file (a missing file, a broken link, a folder, a fifo, socket or
+    device: opening a fifo would wait forever), or None for a regular file (readable or not)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        if p.is_symlink():
+            try:
+                target = os.readlink(p)
+            except OSError:
+                target = "?"
+            return f"broken symbolic link (to {target})"
+        return "no such file"
+    except OSError as e:
+        return f"cannot read ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a video file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a fifo, socket or device), not a video file"
+    return None
 
 
 @dataclass
@@ -142,11 +169,13 @@ class VideoStream:
     Iterating yields ``(s, frames, frame_times)`` for ``s = 0 .. T-1`` in order: ``frames`` uint8
     [fps, H, W, 3] and ``frame_times`` float64 [fps], exactly the rows ``s * fps .. (s+1) * fps - 1`` of
     :func:`decode_video`'s arrays. A second is yielded as soon as the demuxer has passed it, so only
-    about one second of frames is held (plus the waveform, which is kept whole). Once the iteration is
-    over (from the end of the demuxing on, before the last seconds are yielded), ``seconds`` (T),
-    ``waveform``, ``duration`` and ``flags`` are set as in :class:`DecodedVideo` (``seconds`` is known
-    from the start when given or when the container has a duration; else seconds are yielded only once
-    the content decoded so far proves them < T).
+    about one second of frames is held (plus the waveform decoded so far, unless :meth:`take_audio`
+    takes it as the iteration goes). Once the iteration is over (from the end of the demuxing on,
+    before the last seconds are yielded), ``seconds`` (T), ``waveform``, ``duration`` and ``flags`` are
+    set as in :class:`DecodedVideo` (``seconds`` is known from the start when given or when the
+    container has a duration; else seconds are yielded only once the content decoded so far proves them
+    < T). ``waveform`` is then the part of the ``T * sample_rate`` samples not taken by
+    :meth:`take_audio` (the whole waveform when nothing was taken), zero-padded to the end.
 
     Opening raises :class:`VideoDecodeError` as :func:`decode_video` does; use it as a context manager
     (or call :meth:`close`) so that a pass abandoned early closes the file. One pass only.
@@ -165,6 +194,12 @@ class VideoStream:
         self.waveform: np.ndarray | None = None
         self.duration: float | None = None
         self.flags: dict | None = None
+        self.audio_taken = 0                       # samples handed out by take_audio()
+        self._audio: list[np.ndarray] = []         # decoded samples not taken yet, in order
+        self._audio_limit: int | None = None       # T * sample_rate, once T is known
+        problem = file_problem(self.path)
+        if problem is not None:
+            raise VideoDecodeError(self.path, problem)
         try:
             self._container = av.open(str(self.path), mode="r")
         except _FFMPEG_ERRORS + (OSError, ValueError) as e:
@@ -189,6 +224,20 @@ class VideoStream:
     def active_flags(self) -> dict:
         return {k: v for k, v in (self.flags or {}).items() if v}
 
+    def take_audio(self) -> np.ndarray:
+        """The mono float32 samples decoded since the last call (from sample ``audio_taken`` on), never
+        past ``T * sample_rate`` when T is known; call it between seconds of the iteration (from the
+        thread that iterates). What it returns is final: later packets only add samples after it."""
+        pieces = self._audio
+        if not pieces:
+            return np.zeros(0, np.float32)
+        a = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        pieces.clear()
+        if self._audio_limit is not None:
+            a = a[:max(0, self._audio_limit - self.audio_taken)]
+        self.audio_taken += len(a)
+        return a
+
 
 def _stream(container, path, fps, seconds, sample_rate, size, want_video, want_audio, threads, out):
     vstream = container.streams.video[0] if container.streams.video else None
@@ -209,6 +258,7 @@ def _stream(container, path, fps, seconds, sample_rate, size, want_video, want_a
     out.seconds = T
     n_samples = None if T is None else T * fps
     audio_needed = None if T is None else T * sample_rate
+    out._audio_limit = audio_needed
 
     decode_v = want_video and vstream is not None
     decode_a = want_audio and astream is not None
@@ -236,7 +286,7 @@ def _stream(container, path, fps, seconds, sample_rate, size, want_video, want_a
     video_end = None            # end time of the last decoded frame
     # --- audio state
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate) if decode_a else None
-    chunks: list[np.ndarray] = []
+    chunks = out._audio           # decoded samples not taken yet (VideoStream.take_audio takes them)
     gap_tolerance = int(AUDIO_TOLERANCE * sample_rate)
     audio_have = 0
     audio_done = not decode_a
@@ -361,6 +411,7 @@ def _stream(container, path, fps, seconds, sample_rate, size, want_video, want_a
         duration = content
         T = max(1, int(math.floor(content + DURATION_TOLERANCE)))
         n_samples, audio_needed = T * fps, T * sample_rate
+        out._audio_limit = audio_needed
     if duration is None:
         duration = max(video_end or 0.0, audio_len)
     flags = {"padded_video": False, "padded_audio": False, "no_audio": False, "no_video": False,
@@ -382,19 +433,23 @@ def _stream(container, path, fps, seconds, sample_rate, size, want_video, want_a
         flags["padded_video"] = padded > 0
 
     # --- waveform
+    # (the samples from ``out.audio_taken`` on: what take_audio() has not handed out; all when never called)
+    rest = max(0, audio_needed - out.audio_taken)
     if decode_a:
-        wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-        chunks.clear()
-        if len(wave) == 0:
+        if audio_have == 0:          # every sample placed, gaps and leading silence included
             flags["no_audio"] = True
-        elif len(wave) < audio_needed - AUDIO_TOLERANCE * sample_rate:
+        elif audio_have < audio_needed - AUDIO_TOLERANCE * sample_rate:
             flags["padded_audio"] = True
-        waveform = np.zeros(audio_needed, np.float32)
-        n = min(len(wave), audio_needed)
-        waveform[:n] = wave[:n]
+        wave = out.take_audio()
+        out.audio_taken -= len(wave)  # the waveform below is not "taken"
+        if len(wave) == rest:
+            waveform = wave
+        else:
+            waveform = np.zeros(rest, np.float32)
+            waveform[:len(wave)] = wave
         del wave
     else:
-        waveform = np.zeros(audio_needed, np.float32)
+        waveform = np.zeros(rest, np.float32)
         flags["no_audio"] = want_audio
     out.seconds, out.waveform, out.duration, out.flags = T, waveform, float(duration), flags
 

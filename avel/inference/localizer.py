@@ -17,6 +17,13 @@ A video of T whole seconds (its container duration, floored; at least 1) gives T
 models run over the segment axis, so they accept any T: the whole sequence is run at once, with no
 windowing. A model trained on 10 s clips thus sees its training length only for 10 s videos; a much
 longer video is still one pass, a 3 s video is three segments.
+
+Memory
+------
+A video streams through the backbones as ``avel extract`` streams it (:func:`extract_video`):
+``chunk_seconds`` seconds of frames at a time (default 30), the sound in blocks as it is decoded, the
+same features bit for bit as one pass. Only the per-second features are kept, so the peak memory does
+not grow with the clip beyond them (``benchmarks/localize_memory.py`` measures it against clip length).
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ from ..data.errors import DataError
 from ..engine.checkpoint import load
 from ..features import BackboneError, build_backbones
 from ..features.decode import VideoDecodeError
-from ..features.extract import VideoFeatures, extract_video
+from ..features.extract import DEFAULT_CHUNK_SECONDS, VideoFeatures, extract_video
 from ..spec import FeatureSpec
 from .results import Localization, merge_spans
 
@@ -60,8 +67,12 @@ class Localizer:
     """
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, *, checkpoint: str | Path | None = None,
-                 device: str = "cpu", audio_weights: str | None = None, visual_weights: str | None = None):
+                 device: str = "cpu", audio_weights: str | None = None, visual_weights: str | None = None,
+                 chunk_seconds: int | None = DEFAULT_CHUNK_SECONDS):
         self.checkpoint = None if checkpoint is None else str(checkpoint)
+        if chunk_seconds is not None and int(chunk_seconds) < 1:
+            raise ValueError(f"chunk_seconds must be >= 1 or None, got {chunk_seconds}")
+        self.chunk_seconds = None if chunk_seconds is None else int(chunk_seconds)
         if "segment_scores" not in card.outputs:
             raise LocalizeError(
                 f"{self.checkpoint or 'model'}: a {card.model!r} model ({card.task} task) gives no per-second class "
@@ -77,14 +88,15 @@ class Localizer:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", audio_weights: str | None = None,
-                        visual_weights: str | None = None) -> Localizer:
+                        visual_weights: str | None = None,
+                        chunk_seconds: int | None = DEFAULT_CHUNK_SECONDS) -> Localizer:
         """Load a checkpoint folder (a run folder, or ``config.json`` inside it)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: checkpoint not found")
         model, card = load(path, map_location=device)
         return cls(model, card, checkpoint=path, device=device, audio_weights=audio_weights,
-                   visual_weights=visual_weights)
+                   visual_weights=visual_weights, chunk_seconds=chunk_seconds)
 
     # --- facts -------------------------------------------------------------------------------
 
@@ -132,14 +144,15 @@ class Localizer:
         return self._backbones
 
     def features(self, path: str | Path) -> VideoFeatures:
-        """Extract the features of one video (any length) as the card's spec says. Raises
-        :class:`LocalizeError` for a missing, unreadable or silent video."""
+        """Extract the features of one video (any length) as the card's spec says, streaming it
+        ``chunk_seconds`` at a time. Raises :class:`LocalizeError` for a missing, unreadable or silent video."""
         path = Path(path)
         check_video(path)
         audio_bb, visual_bb = self.backbones()
         try:
             feats = extract_video(path, audio_backbone=audio_bb, visual_backbone=visual_bb,
-                                  fps=int(self.card.feature_spec.visual.frames_per_segment))
+                                  fps=int(self.card.feature_spec.visual.frames_per_segment),
+                                  chunk_seconds=self.chunk_seconds)
         except VideoDecodeError as e:
             raise LocalizeError(str(e)) from None
         for flag, what in (("no_audio", "audio"), ("no_video", "video frame")):

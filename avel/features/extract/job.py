@@ -13,10 +13,17 @@ Resume: while running, ``<out>/parts/`` holds each finished row (see :mod:`.writ
 the same arguments redoes no finished row and loses none. The parts are removed once the store is
 written (``keep_parts=True`` keeps them).
 
+One writer per store: the job holds :class:`avel.io.FolderLock` on the store folder while it runs (a
+second extraction into the same folder is refused at once with the holder's pid), and on start, under
+the lock, removes the temporaries a killed run left there and in ``parts/``. A write that fails (a
+full disk) raises ``OSError`` naming the file: finished parts stay, the store is not left half-written
+(what the failed finish wrote is removed; ``manifest.jsonl`` only appears once all is written), and a
+rerun picks up where it stopped.
+
 Length policy: every row has ``seconds`` (T) segments. Shorter videos: the visual stream repeats the
 last frame, the audio is zero-padded (silence) -- flags ``padded_video`` / ``padded_audio``; longer
 videos are cut at T (``truncated``). A video that cannot be decoded at all is recorded as ``failed``
-with the error, its row is zeros, and the run goes on. Errors of the backbones are not data errors:
+with a one-line error naming the file, its row is zeros, and the run goes on. Errors of the backbones are not data errors:
 they stop the run (resume picks up after the last finished video).
 
 Sharding: ``num_shards`` N and ``shard_index`` i (default: ``WORLD_SIZE`` / ``RANK`` from the
@@ -44,10 +51,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ...data.errors import DataError
-from ...io import atomic_write_json, remove_stale_temporaries
+from ...io import FolderLock, atomic_write_json, remove_stale_temporaries
 from ...layout import MANIFEST, SPEC_FILE
 from ...spec import FeatureSpec, StreamSpec
-from ..decode import VideoDecodeError, VideoStream
+from ..decode import VideoDecodeError, VideoStream, file_problem
 from .inputs import VideoItem, as_items
 from .video import DEFAULT_CHUNK_SECONDS, DecodeFailure, Prefetch, frame_size_for, sample_rate_for, stream_features
 from .writer import (
@@ -65,6 +72,13 @@ from .writer import (
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+ERROR_LIMIT = 400      # characters of a failed row's error message (one line)
+
+
+def one_line(message: str, limit: int = ERROR_LIMIT) -> str:
+    """``message`` on one line (whitespace runs collapsed), at most ``limit`` characters."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
@@ -141,6 +155,22 @@ def extract(videos: Sequence[VideoItem | str | Path], out_dir: str | Path, *, au
     num_shards, shard_index = shard_from_env(num_shards, shard_index)
     out_dir = Path(out_dir)
     store = shard_dir(out_dir, shard_index, num_shards) if num_shards > 1 else out_dir
+    for folder in (out_dir, store):
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"{folder}: is a file, not a feature folder (choose another --out)")
+    with FolderLock(store):
+        remove_stale_temporaries(store)          # what a killed run left (we hold the folder)
+        return _extract(items, out_dir, store, audio_backbone=audio_backbone, visual_backbone=visual_backbone,
+                        seconds=seconds, fps=fps, batch_frames=batch_frames, workers=workers, num_shards=num_shards,
+                        shard_index=shard_index, progress=progress, annotations=annotations,
+                        frame_size=frame_size, keep_parts=keep_parts, retry_failed=retry_failed,
+                        chunk_seconds=chunk_seconds, t_start=t_start)
+
+
+def _extract(items: list[VideoItem], out_dir: Path, store: Path, *, audio_backbone, visual_backbone, seconds: int,
+             fps: int, batch_frames: int, workers: int, num_shards: int, shard_index: int, progress: bool,
+             annotations, frame_size, keep_parts: bool, retry_failed: bool, chunk_seconds: int | None,
+             t_start: float) -> ExtractResult:
     spec = _store_spec(audio_backbone, visual_backbone, fps)
     identity = _run_identity(spec, items, seconds, fps, num_shards, shard_index)
 
@@ -191,6 +221,9 @@ def extract(videos: Sequence[VideoItem | str | Path], out_dir: str | Path, *, au
     def open_stream(item: VideoItem) -> VideoStream:
         if item.path is None:
             raise VideoDecodeError(item.video_id, "video file not found")
+        problem = file_problem(item.path)        # a folder, a broken link, a fifo: fail the row, never hang
+        if problem is not None:
+            raise VideoDecodeError(item.path, problem)
         return VideoStream(item.path, fps=fps, seconds=seconds, sample_rate=sample_rate, size=size)
 
     processed = failed_now = 0
@@ -224,10 +257,10 @@ def extract(videos: Sequence[VideoItem | str | Path], out_dir: str | Path, *, au
             except DecodeFailure as failure:
                 e = failure.error
                 if isinstance(e, VideoDecodeError):
-                    error = str(e)
+                    error = one_line(e)
                 else:   # any decoding trouble is this video's failure, not the run's
                     log.warning("%s: decoding failed", g[0].path, exc_info=e)
-                    error = f"{g[0].path}: {type(e).__name__}: {e}"
+                    error = one_line(f"{g[0].path}: {type(e).__name__}: {e}")
             current = None
             if error is None:
                 for it in g:

@@ -5,11 +5,17 @@ manifest.jsonl; and the merge of finished shards into one store.
 manifest entry as UTF-8 JSON bytes; written atomically, read with ``allow_pickle=False``). The store's
 feature files are written by :func:`avel.layout.write_rows` (one h5 writer for every avel-made folder);
 ``manifest.jsonl`` is written last, so its presence means the store is complete.
+
+A write that fails (a full disk) raises ``OSError`` naming the file or the store; :func:`finalize` then
+removes what it had written, so a store is either complete (with its manifest) or holds no feature
+files of this run, and the parts stay for the rerun.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -21,8 +27,17 @@ import numpy as np
 
 from ...data.errors import DataError
 from ...data.store import write_spec
-from ...io import atomic_output, atomic_write
-from ...layout import ANNOTATIONS, AUDIO_FEATURES, H5_KEY, MANIFEST, SPEC_FILE, VISUAL_FEATURES, write_rows
+from ...io import FolderLock, atomic_output, atomic_write, remove_stale_temporaries
+from ...layout import (
+    ANNOTATIONS,
+    AUDIO_FEATURES,
+    FEATURE_FILES,
+    H5_KEY,
+    MANIFEST,
+    SPEC_FILE,
+    VISUAL_FEATURES,
+    write_rows,
+)
 from ...spec import FeatureSpec
 from .inputs import VideoItem
 
@@ -77,9 +92,37 @@ def part_path(parts: Path, row: int) -> Path:
     return parts / f"{row:06d}.npz"
 
 
+def named_os_error(e: OSError, path: str | Path) -> OSError:
+    """``e`` as one line naming ``path`` (the file being written, or the store): ``[Errno 28] No space left on
+    device: 'PATH'`` (HDF5's multi-line reports are replaced by the errno's text)."""
+    code = e.errno if e.errno else errno.EIO
+    text = os.strerror(e.errno) if e.errno else " ".join(str(e.strerror or e).split())[:300]
+    return OSError(code, text, str(path))
+
+
+def check_space(store: Path, n: int, audio_shape: tuple, visual_shape: tuple) -> None:
+    """Refuse to start the h5 files on a disk that cannot hold them (``OSError`` ENOSPC naming the store).
+
+    Not only for a clearer message: h5py/HDF5 (3.16 / 2.0) crash the process (a segmentation fault) when
+    the objects of a file whose flush failed for a full disk are freed, so a full disk must be found before
+    HDF5 writes, not by it."""
+    values = n * (int(np.prod(audio_shape)) + int(np.prod(visual_shape)) + visual_shape[0] * visual_shape[-1])
+    need = int(4 * values * 1.02) + 3 * 4096 * max(1, n) + (1 << 20)     # float32 data, chunk index, metadata
+    try:
+        free = shutil.disk_usage(store).free
+    except OSError:
+        return
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device: the feature files need about {need / 2**20:.1f} MB, "
+                      f"{free / 2**20:.1f} MB are free", str(store))
+
+
 def write_part(path: Path, **arrays) -> None:
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+    try:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError as e:
+        raise named_os_error(e, path) from None
 
 
 def meta_array(meta: dict) -> np.ndarray:
@@ -159,25 +202,47 @@ def finalize(store: Path, rows: list[VideoItem], parts: Path, spec: FeatureSpec,
                 entry["source_row"] = it.row
             manifest.append(entry)
 
-    write_rows(store, len(rows), audio_shape, visual_shape, filled())
-    if annotations is not None and num_shards == 1:
-        atomic_copy(annotations, store / ANNOTATIONS)
-    elif all(it.annotation is not None for it in rows):
-        atomic_write(store / ANNOTATIONS, "".join(it.annotation + "\n" for it in rows))
-    failed = sum(m["status"] == "failed" for m in manifest)
-    write_spec(store, spec, rows=len(rows), videos=videos, seconds=seconds, fps=identity["fps"], failed=failed,
-               flagged=sum(bool(m["flags"]) for m in manifest),
-               source=str(annotations) if annotations is not None else None, extract=identity)
-    atomic_write(store / MANIFEST, "".join(json.dumps(m) + "\n" for m in manifest))
+    written: list[Path] = []      # removed again if the finish fails: no store that looks done but is not
+    try:
+        check_space(store, len(rows), audio_shape, visual_shape)
+        write_rows(store, len(rows), audio_shape, visual_shape, filled())
+        written += [store / name for name in FEATURE_FILES]
+        if annotations is not None and num_shards == 1:
+            atomic_copy(annotations, store / ANNOTATIONS)
+            written.append(store / ANNOTATIONS)
+        elif all(it.annotation is not None for it in rows):
+            atomic_write(store / ANNOTATIONS, "".join(it.annotation + "\n" for it in rows))
+            written.append(store / ANNOTATIONS)
+        failed = sum(m["status"] == "failed" for m in manifest)
+        write_spec(store, spec, rows=len(rows), videos=videos, seconds=seconds, fps=identity["fps"], failed=failed,
+                   flagged=sum(bool(m["flags"]) for m in manifest),
+                   source=str(annotations) if annotations is not None else None, extract=identity)
+        written.append(store / SPEC_FILE)
+        atomic_write(store / MANIFEST, "".join(json.dumps(m) + "\n" for m in manifest))
+    except BaseException as e:
+        for p in written:
+            p.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename != str(store):
+            raise named_os_error(e, store) from None
+        raise
     return manifest
 
 
 # ---------------------------------------------------------------------------------------------- merge
 
 def merge_shards(out_dir: str | Path) -> ExtractResult:
-    """Join the finished ``<out>/shard-<i>-of-<N>/`` stores into ``<out>/``, rows in the original order."""
-    t0 = time.perf_counter()
+    """Join the finished ``<out>/shard-<i>-of-<N>/`` stores into ``<out>/``, rows in the original order
+    (holding ``<out>``'s folder lock, as an extraction into it would)."""
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: no shard-<i>-of-<N> folders to merge (not a folder)")
+    with FolderLock(out_dir):
+        remove_stale_temporaries(out_dir)
+        return _merge_shards(out_dir)
+
+
+def _merge_shards(out_dir: Path) -> ExtractResult:
+    t0 = time.perf_counter()
     found: dict[int, dict[int, Path]] = {}
     for p in out_dir.iterdir() if out_dir.is_dir() else []:
         m = _SHARD_RE.match(p.name)
