@@ -396,7 +396,8 @@ def markdown(out: Path, argv_hint: str) -> str:
                 lines.append("")
             r = rates.get(size, {}).get("test")
             sub = (f" — test {r['rows']} videos; majority-class (background) segment rate "
-                   f"{r['majority_segment_rate']:.3f}" if r else "")
+                   f"{r['majority_segment_rate']:.3f}; the video's class on every segment scores "
+                   f"{1 - r['majority_segment_rate']:.3f}" if r else "")
             lines += [f"**{SIZES[size].label}**{sub}", "", header, rule]
             current_size = size
         done, missing = [], []
@@ -435,6 +436,8 @@ def markdown(out: Path, argv_hint: str) -> str:
         major = rates.get(size, {}).get("test", {}).get("majority_segment_rate")
         if major is not None and all(abs(d["test"]["accuracy"] - major) < 0.005 for d in done):
             seg += " (majority rate)"
+        elif major is not None and all(abs(d["test"]["accuracy"] - (1 - major)) < 0.005 for d in done):
+            seg += " (event-everywhere rate)"
         seeds_note = "" if not missing else f" ({len(done)} of {len(group)} seeds: {'; '.join(missing)})"
         wall = f"{np.mean(walls):.0f} ({', '.join(f'{w:.0f}' for w in walls)})"
         lines.append(f"| {task} | {label} | {rec} | {ep} | {best} | {val} | {seg}{seeds_note} | "

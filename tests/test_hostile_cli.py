@@ -191,15 +191,15 @@ def _broken_data(breakage: str, command: str) -> Callable:
                 audio = f["avadataset"][()]
             audio[3, 4, :] = np.nan
             write_h5(root / "audio_feature.h5", audio)
-            # training finds it by the loss (not named by file); data check names the file
-            culprit = "diverged" if command == "train" else "audio_feature.h5"
+            # training stops at the non-finite loss and names the file and row; data check names the file
+            culprit = ("audio_feature.h5", "row 3") if command == "train" else ("audio_feature.h5",)
         else:
             from test_datasets import break_data_folder
 
             break_data_folder(root, breakage)
-            culprit = {"spec_not_json": "features.json", "float_order": "train_order.h5",
-                       "huge": "visual_feature.h5"}.get(breakage, "audio_feature.h5")
-        names = (culprit,)
+            culprit = ({"spec_not_json": "features.json", "float_order": "train_order.h5",
+                        "huge": "visual_feature.h5"}.get(breakage, "audio_feature.h5"),)
+        names = culprit
         if command == "check":
             return Setup(["data", "check", root], names, unchanged=(root,), summary=True)
         if command == "evaluate":

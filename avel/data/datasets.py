@@ -151,6 +151,17 @@ class SegmentRows:
         batch["index"] = rows
         return batch
 
+    def first_nonfinite(self, chunk: int = 64) -> str | None:
+        """Where the first NaN/Inf feature value of these rows is ("FILE: row R"), or None."""
+        for lo in range(0, len(self.rows), chunk):
+            batch = self.store.read(self.rows[lo:lo + chunk])
+            for name in ("audio", "visual"):
+                bad = ~np.isfinite(batch[name].reshape(len(batch[name]), -1)).all(axis=1)
+                if bad.any():
+                    row = int(self.rows[lo + int(np.argmax(bad))])
+                    return f"{getattr(self.store, name).path}: row {row} has NaN/Inf {name} features"
+        return None
+
 
 @dataclass
 class ConcatRows:

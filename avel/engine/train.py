@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..card import ModelCard
 from ..config import RunConfig
 from ..data.datasets import AVEData, Batches, auto_prefetch
+from ..data.errors import DataError
 from ..io import FolderLock, atomic_write, remove_stale_temporaries
 from ..models.registry import build_model, complete_arguments, model_class
 from ..tasks import build_task, check_model
@@ -282,8 +283,14 @@ def _train(config: RunConfig, out_dir: Path, *, resume: bool, device: str, progr
                   "loss_terms": means, "lr": optimizer.param_groups[0]["lr"],
                   "train_seconds": round(time.perf_counter() - t0, 3)}
         if not math.isfinite(record["train_loss"]):
+            # Name the row when the features are the cause; otherwise it is the optimisation.
+            sources = getattr(train_src, "sources", [train_src])
+            where = next((w for src in sources if hasattr(src, "first_nonfinite")
+                          for w in [src.first_nonfinite()] if w), None)
+            if where is not None:
+                raise DataError(f"{where}; training stopped at epoch {epoch + 1} (its loss is not finite)")
             raise ValueError(f"training diverged at epoch {epoch + 1}: the loss is {record['train_loss']} "
-                             "(check the features for NaN/Inf with `avel data check`, or lower optim.lr)")
+                             "(the features are finite: lower optim.lr or set optim.grad_clip)")
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             improved = False
             if dist.is_main:
