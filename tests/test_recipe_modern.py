@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _coredata import TINY_MODEL, quick_config, synth
 from avel.config import ConfigError, apply_overrides, recipe
 from avel.data.datasets import AVEData
 from avel.engine import checkpoint
 from avel.engine.evaluate import evaluate
 from avel.engine.train import make_optimizer, make_schedule, train
 from avel.tasks import build_task, segment_losses
+
+from _coredata import TINY_MODEL, quick_config, synth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
