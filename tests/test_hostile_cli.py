@@ -307,28 +307,38 @@ def snapshot(path: Path) -> dict:
             for p in files}
 
 
+# The child is started by a small launcher so that its peak memory is its own: a process forked from
+# this (large) pytest process would count the parent's pages in its ru_maxrss until it execs.
+LAUNCHER = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(f"{r.ru_maxrss} {r.ru_utime + r.ru_stime}")
+sys.exit(code)
+"""
+
+
 def run_cli(argv: list, cwd: Path, timeout: float = 120.0) -> tuple[int, str, str, float, float, float]:
     """``python -m avel ARGV`` in a fresh process: (exit code, stdout, stderr, wall s, CPU s, peak MB of the child)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))}
-    out, err = cwd / ".stdout", cwd / ".stderr"
+    out, err, usage = cwd / ".stdout", cwd / ".stderr", cwd / ".usage"
     with open(out, "wb") as fo, open(err, "wb") as fe:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "avel", *map(str, argv)], stdout=fo, stderr=fe, env=env,
-                                cwd=cwd)
-        killer = threading.Timer(timeout, proc.kill)
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(usage), sys.executable, "-m", "avel",
+                                 *map(str, argv)], stdout=fo, stderr=fe, env=env, cwd=cwd, start_new_session=True)
+        killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, 9))
         killer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)          # this child's own rusage, even with others running
+            proc.wait()
         finally:
             killer.cancel()
         seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     text = [p.read_text(errors="replace") for p in (out, err)]
-    out.unlink()
-    err.unlink()
-    cpu = usage.ru_utime + usage.ru_stime
-    return proc.returncode, text[0], text[1], seconds, cpu, usage.ru_maxrss / 1024     # ru_maxrss: KiB on Linux
+    maxrss, cpu = (float(x) for x in usage.read_text().split()) if usage.is_file() else (float("inf"), seconds)
+    for p in (out, err, usage):
+        p.unlink(missing_ok=True)
+    return proc.returncode, text[0], text[1], seconds, cpu, maxrss / 1024     # ru_maxrss: KiB on Linux
 
 
 def run_case(case: Case, ctx: Context, setup: Setup, cwd: Path) -> Outcome:

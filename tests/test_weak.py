@@ -12,7 +12,7 @@ import torch
 
 from avel import load
 from avel.cli import main
-from avel.config import apply_overrides
+from avel.config import apply_overrides, recipe
 from avel.data.datasets import AVEData, Batches, ConcatRows, SegmentRows
 from avel.data.errors import DataError
 from avel.engine.checkpoint import read_card
@@ -210,7 +210,8 @@ def test_cli_background_options(root, tmp_path, cli_train_config):
     c = cli_train_config(["--data-root", str(root), "--out", str(tmp_path / "r"), "--task", "weak",
                           "--background", str(tmp_path / "a"), "--background", str(tmp_path / "b"),
                           "--no-official-background", "--selection", "segment"])
-    assert c.task == "weak" and c.epochs == 250
+    # No --recipe: the recommended one, for the weak task.
+    assert c.task == "weak" and c.recipe == "modern" and c.epochs == recipe("modern", "weak").epochs
     assert c.data.background == (str(tmp_path / "a"), str(tmp_path / "b"))
     assert c.data.official_background is False and c.selection == "segment"
 
