@@ -7,6 +7,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 from avel.config import RunConfig, recipe
 from avel.data.synth import SynthConfig, generate
@@ -45,3 +47,17 @@ def read_jsonl(path: Path, drop=("train_seconds", "val_seconds")) -> list[dict]:
 def write_h5(path: Path, array, key: str = "avadataset") -> None:
     with h5py.File(path, "w") as f:
         f.create_dataset(key, data=np.asarray(array))
+
+
+def small_folder(tmp_path_factory) -> Path:
+    """The 60-video synthetic folder the engine tests share (no background videos)."""
+    return synth(tmp_path_factory.mktemp("engine") / "ave", videos=60, background_videos=0)
+
+
+def weights(folder: Path) -> dict:
+    """The tensors of a checkpoint folder's model.safetensors."""
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,7 @@
 """Shared test fixtures: the real AVE metadata and reference fixtures live in ../shared (read in place)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,6 +32,21 @@ def ave_dir(shared) -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir(shared) -> Path:
     return shared / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def followups(fixtures_dir) -> Path:
+    """The follow-up models' fixtures (PSP, CPSP, AVSDN, CMRAN, CMBS)."""
+    return fixtures_dir / "followups"
+
+
+@pytest.fixture(scope="session")
+def regen(followups):
+    """The fixtures' own ``regen_weights`` module (rebuilds the seeded reference weights; never copied)."""
+    spec = importlib.util.spec_from_file_location("regen_weights", followups / "regen_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """AVSDN (CPSP repository baseline) against the follow-up reference fixtures (../shared/fixtures/followups/avsdn)."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -22,10 +20,7 @@ def folder(fixtures_dir):
 
 
 @pytest.fixture(scope="module")
-def reference_state(folder):
-    spec = importlib.util.spec_from_file_location("regen_weights", folder / "regen_weights.py")
-    regen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(regen)
+def reference_state(folder, regen):
     sd = regen.state_dict_from_spec(folder / "avsdn" / "weights_spec.json")
     return {k[len("module."):]: v for k, v in sd.items()}          # the DataParallel prefix, stripped
 

@@ -16,22 +16,14 @@ from avel.engine import checkpoint
 from avel.engine.train import train
 from avel.io import atomic_write
 
-from _coredata import quick_config, synth
+from _coredata import quick_config, same_weights, small_folder, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return synth(tmp_path_factory.mktemp("engine") / "ave", videos=60, background_videos=0)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / "model.safetensors"))
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return small_folder(tmp_path_factory)
 
 
 def test_checkpoint_rebuilds_from_config_json_alone(tmp_path, data_root):

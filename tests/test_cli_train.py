@@ -6,35 +6,24 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
 from avel import metrics
 from avel.cli import build_parser, main
 from avel.data.datasets import AVEData
 from avel.engine.train import train
 
-from _coredata import TINY_MODEL, quick_config, synth
+from _coredata import TINY_MODEL, quick_config, small_folder, synth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return synth(tmp_path_factory.mktemp("engine") / "ave", videos=60, background_videos=0)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / "model.safetensors"))
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return small_folder(tmp_path_factory)
 
 
 def _run_cli(*args) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ convert_reference, and run on ../inputs.npz; every expected value is read from o
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import inspect
 import zipfile
 
@@ -19,19 +18,6 @@ from avel.models import cmbs
 
 VARIANTS = {"cmbs": cmbs.CMBS, "cmbs_weak": cmbs.CMBSWeak}
 ATOL32, ATOL64 = 1e-5, 1e-9
-
-
-@pytest.fixture(scope="module")
-def followups(fixtures_dir):
-    return fixtures_dir / "followups"
-
-
-@pytest.fixture(scope="module")
-def regen(followups):
-    spec = importlib.util.spec_from_file_location("regen_weights", followups / "regen_weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

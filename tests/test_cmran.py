@@ -2,8 +2,6 @@
 loss terms (the fixed hook and the reference's buggy formulas), checkpoint conversion, training."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -30,14 +28,6 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-9}
 @pytest.fixture(scope="module")
 def folder(fixtures_dir):
     return fixtures_dir / "followups"
-
-
-@pytest.fixture(scope="module")
-def regen(folder):
-    spec = importlib.util.spec_from_file_location("regen_weights", folder / "regen_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

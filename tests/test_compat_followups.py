@@ -5,7 +5,6 @@ PSP ships whole pickled modules (legacy, cuda:0); the others are nn.DataParallel
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -28,19 +27,6 @@ VARIANTS = {
     "cmran_weak": ("cmran_weak", "pred_segments", ("event_logits", "is_event_scores", None)),
 }
 WHOLE = {"psp": "PSP_fully_whole_legacy_cuda.pt", "psp_weak": "PSP_weakly_whole_legacy_cuda.pt"}
-
-
-@pytest.fixture(scope="module")
-def followups(fixtures_dir):
-    return fixtures_dir / "followups"
-
-
-@pytest.fixture(scope="module")
-def regen(followups):
-    spec = importlib.util.spec_from_file_location("regen_weights", followups / "regen_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

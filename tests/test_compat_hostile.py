@@ -310,11 +310,6 @@ def _malicious_files(followups, tmp, target) -> list:
     return files
 
 
-@pytest.fixture(scope="module")
-def followups(fixtures_dir):
-    return fixtures_dir / "followups"
-
-
 def test_malicious_reference_files_refused(followups, tmp_path):
     target = tmp_path / "pwned"
     files = _malicious_files(followups, tmp_path, target)

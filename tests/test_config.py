@@ -2,32 +2,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import avel
 from avel.config import ConfigError, RunConfig, apply_overrides, recipe, resolve_run_config
 
-from _coredata import synth
+from _coredata import small_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return synth(tmp_path_factory.mktemp("engine") / "ave", videos=60, background_videos=0)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / "model.safetensors"))
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return small_folder(tmp_path_factory)
 
 
 def test_original_presets():

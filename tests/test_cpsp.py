@@ -5,8 +5,6 @@ Weights: regen_weights.py, "module." stripped (as avel.compat does), then conver
 """
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -17,19 +15,6 @@ from avel.models import build_model, cpsp
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = {False: 1e-5, True: 1e-10}
-
-
-@pytest.fixture(scope="module")
-def followups(fixtures_dir):
-    return fixtures_dir / "followups"
-
-
-@pytest.fixture(scope="module")
-def regen(followups):
-    spec = importlib.util.spec_from_file_location("regen_weights", followups / "regen_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

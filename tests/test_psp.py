@@ -5,8 +5,6 @@ expected value is read from the fixture files.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -16,19 +14,6 @@ from avel.models import build_model, psp
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 1e-5          # float32 reference values; float32 and float64 avel runs alike (README: <= 2.4e-6)
-
-
-@pytest.fixture(scope="module")
-def followups(fixtures_dir):
-    return fixtures_dir / "followups"
-
-
-@pytest.fixture(scope="module")
-def regen(followups):
-    spec = importlib.util.spec_from_file_location("regen_weights", followups / "regen_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,32 +1,21 @@
 """Task losses: the 2018 loss, cross-entropy, and the loss-term hook."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import avel
 from avel.tasks import SupervisedTask, segment_losses
 
-from _coredata import synth
+from _coredata import small_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return synth(tmp_path_factory.mktemp("engine") / "ave", videos=60, background_videos=0)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / "model.safetensors"))
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return small_folder(tmp_path_factory)
 
 
 def test_softmax_mlsm_is_multilabel_soft_margin_on_softmax():

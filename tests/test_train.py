@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,22 +19,14 @@ from avel.engine.evaluate import evaluate
 from avel.engine.train import train
 from avel.tasks import build_task
 
-from _coredata import TINY_MODEL, quick_config, read_jsonl, synth
+from _coredata import TINY_MODEL, quick_config, read_jsonl, same_weights, small_folder, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return synth(tmp_path_factory.mktemp("engine") / "ave", videos=60, background_videos=0)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / "model.safetensors"))
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return small_folder(tmp_path_factory)
 
 
 def test_deterministic_training(tmp_path, data_root):

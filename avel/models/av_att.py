@@ -18,6 +18,8 @@ from .registry import register_model
 class AttendedEncoders(nn.Module):
     """Audio-guided attention over the grid, then one BiLSTM per modality (A+V-att and DMRN)."""
 
+    outputs = CLASSIFIER_OUTPUTS + ("attention",)     # what both heads return: logits, their softmax, the map
+
     def __init__(self, *, audio_dim: int, visual_dim: int, grid: tuple[int, int], hidden: int, att_hidden: int):
         super().__init__()
         self.attention = AudioGuidedAttention(
@@ -35,8 +37,6 @@ class AttendedEncoders(nn.Module):
 @register_model("av_att")
 class AVAtt(AttendedEncoders):
     """The official att_Net: both BiLSTM streams concatenated into the A+V-att head (ReLU, 64, C)."""
-
-    outputs = CLASSIFIER_OUTPUTS + ("attention",)
 
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
                  num_classes: int = 29, hidden: int = 128, att_hidden: int = 512, head_hidden: int = 64):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .av_att import AttendedEncoders
-from .heads import CLASSIFIER_OUTPUTS, scored
+from .heads import scored
 from .registry import register_model
 
 
@@ -21,8 +21,6 @@ def _transform(dim: int) -> nn.Sequential:
 @register_model("dmrn")
 class DMRN(AttendedEncoders):
     """The official TBMRF_Net: ``blocks`` residual fusion blocks, then a linear classifier (L2)."""
-
-    outputs = CLASSIFIER_OUTPUTS + ("attention",)
 
     def __init__(self, *, audio_dim: int = 128, visual_dim: int = 512, grid: tuple[int, int] = (7, 7),
                  num_classes: int = 29, hidden: int = 128, att_hidden: int = 512, blocks: int = 1):

@@ -36,6 +36,7 @@ from torch import nn
 from ...spec import StreamSpec
 from ..registry import register_visual
 from ..weights import WeightsNotFoundError, load_state_file
+from .cnn import feature_maps
 
 log = logging.getLogger(__name__)
 
@@ -190,16 +191,9 @@ class EfficientNetLite0Backbone:
         return preprocess(frames, size=self.image_size)
 
     def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        g = math.ceil(self.image_size / 32)
-        out = []
-        with torch.inference_mode():
-            for a in range(0, len(frames), self.batch_size):
-                x = self.preprocess(frames[a:a + self.batch_size]).to(self.device)  # [n, 3, 224, 224]
-                x = x.contiguous(memory_format=torch.channels_last)
-                out.append(self.net(x).permute(0, 2, 3, 1).float().cpu())         # [n, 7, 7, 1280]
-        if not out:
-            return torch.zeros((0, g, g, 1280))
-        return torch.cat(out).contiguous()
+        g = math.ceil(self.image_size / 32)                                    # 7 at 224 px
+        return feature_maps(self.net, frames, preprocess=self.preprocess, batch_size=self.batch_size,
+                            device=self.device, empty=(g, g, 1280))             # [n, g, g, 1280]
 
 
 def arguments_for(spec: StreamSpec) -> dict:

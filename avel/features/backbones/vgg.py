@@ -25,6 +25,7 @@ from torch import nn
 from ...spec import StreamSpec
 from ..registry import register_visual
 from ..weights import VGG19_KERAS, VGG19_TORCHVISION, load_state_file, resolve_weights
+from .cnn import feature_maps
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +168,8 @@ class VGG19Pool5Backbone:
         return preprocess(frames, mode=self.mode)
 
     def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        out = []
-        with torch.inference_mode():
-            for a in range(0, len(frames), self.batch_size):
-                x = self.preprocess(frames[a:a + self.batch_size]).to(self.device)  # [n, 3, 224, 224]
-                x = x.contiguous(memory_format=torch.channels_last)
-                out.append(self.model(x).permute(0, 2, 3, 1).float().cpu())       # [n, 7, 7, 512]
-        if not out:
-            return torch.zeros((0, 7, 7, 512))
-        return torch.cat(out).contiguous()
+        return feature_maps(self.model, frames, preprocess=self.preprocess, batch_size=self.batch_size,
+                            device=self.device, empty=(7, 7, 512))              # [n, 7, 7, 512]
 
 
 @register_visual("vgg19-pool5")
