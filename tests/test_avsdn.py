@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from avel.models import avsdn
 from avel.models.avsdn import AVSDN
 
+from _support.followups import assert_convert_refuses
+
 F32_ATOL = 1e-5
 F64_ATOL = 1e-9
 LOSS_ATOL = 1e-5
@@ -92,22 +94,12 @@ def test_convert_reference_infers_kwargs(reference_state):
 
 
 def test_convert_reference_rejects_bad_state(reference_state):
-    missing = dict(reference_state)
-    del missing["U_a.2.bias"]
-    with pytest.raises(ValueError, match="U_a.2.bias"):
-        AVSDN.convert_reference(missing)
     no_attention = dict(reference_state)
     del no_attention["affine_h.weight"]
     with pytest.raises(ValueError, match="affine_h.weight"):
         AVSDN.convert_reference(no_attention)
-    wrong = dict(reference_state)
-    wrong["U_v.0.weight"] = torch.zeros(128, 64, dtype=torch.float64)
-    with pytest.raises(ValueError, match="U_v.0.weight"):
-        AVSDN.convert_reference(wrong)
-    extra = dict(reference_state)
-    extra["surprise.weight"] = torch.zeros(3)
-    with pytest.raises(ValueError, match="surprise.weight"):
-        AVSDN.convert_reference(extra)
+    assert_convert_refuses(AVSDN, reference_state, missing="U_a.2.bias", wrong=("U_v.0.weight", torch.zeros(128, 64, dtype=torch.float64)),
+                           extra=("surprise.weight", torch.zeros(3)))
 
 
 def test_repository_checkpoint_file_loads(reference_state, tmp_path, folder):

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from avel.models import cmbs
 
+from _support.followups import forward_recording, strip_prefix
+
 VARIANTS = {"cmbs": cmbs.CMBS, "cmbs_weak": cmbs.CMBSWeak}
 ATOL32, ATOL64 = 1e-5, 1e-9
 
@@ -29,12 +31,8 @@ def inputs(followups):
 @pytest.fixture(scope="module")
 def reference_sd(regen, followups):
     """variant -> the reference state_dict with the DataParallel "module." prefix stripped."""
-    out = {}
-    for name in VARIANTS:
-        sd = regen.state_dict_from_spec(followups / name / "weights_spec.json")
-        assert all(k.startswith("module.") for k in sd)
-        out[name] = {k[len("module."):]: v for k, v in sd.items()}
-    return out
+    return {name: strip_prefix(regen.state_dict_from_spec(followups / name / "weights_spec.json"))
+            for name in VARIANTS}
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +52,13 @@ HOOKS = {
 def _run(model, audio, visual, hooks):
     seen = {}
 
-    def hook(name, what):
-        def fn(module, args, output):
-            if what in ("in", "both"):
-                seen[name + ".in"] = args[0]
-            if what in ("out", "both"):
-                seen[name + ".out"] = output[0] if isinstance(output, tuple) else output
-        return fn
+    def record(name, args, output):
+        if hooks[name] in ("in", "both"):
+            seen[name + ".in"] = args[0]
+        if hooks[name] in ("out", "both"):
+            seen[name + ".out"] = output[0] if isinstance(output, tuple) else output
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n, w)) for n, w in hooks.items()]
-    try:
-        with torch.no_grad():
-            out = model(audio, visual)
-    finally:
-        for h in handles:
-            h.remove()
-    return out, seen
+    return forward_recording(model, audio, visual, hooks, record), seen
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from avel.models.cmran import (
 )
 from avel.models.registry import model_class
 
+from _support.followups import assert_convert_refuses, strip_prefix
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = {"cmran": CMRAN, "cmran_weak": CMRANWeak}
@@ -39,12 +41,7 @@ def inputs(folder):
 @pytest.fixture(scope="module")
 def reference_sd(folder, regen):
     """Variant -> the rebuilt reference state_dict with the DataParallel prefix stripped."""
-    out = {}
-    for name in VARIANTS:
-        sd = regen.state_dict_from_spec(folder / name / "weights_spec.json")
-        assert all(k.startswith("module.") for k in sd)
-        out[name] = {k[len("module."):]: v for k, v in sd.items()}
-    return out
+    return {name: strip_prefix(regen.state_dict_from_spec(folder / name / "weights_spec.json")) for name in VARIANTS}
 
 
 def _fixture(folder, name):
@@ -188,18 +185,9 @@ def test_convert_reference_keys(name, reference_sd):
     del missing["video_decoder.decoder.layers.0.norm2.bias"]
     with pytest.raises(ValueError, match="video_decoder.layer.norm2.bias"):
         VARIANTS[name].convert_reference(missing)
-    missing = dict(sd)
-    del missing["v_fc.weight"]
-    with pytest.raises(ValueError, match="v_fc.weight"):
-        VARIANTS[name].convert_reference(missing)
-    wrong = dict(sd)
-    wrong["AVInter.norm1.weight"] = torch.zeros(255, dtype=torch.float64)
-    with pytest.raises(ValueError, match="AVInter.norm1.weight"):
-        VARIANTS[name].convert_reference(wrong)
-    extra = dict(sd)
-    extra["localize_module.extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match="localize_module.extra.weight"):
-        VARIANTS[name].convert_reference(extra)
+    assert_convert_refuses(VARIANTS[name], sd, missing="v_fc.weight",
+                           wrong=("AVInter.norm1.weight", torch.zeros(255, dtype=torch.float64)),
+                           extra=("localize_module.extra.weight", torch.zeros(1)))
 
 
 def test_legacy_checkpoint_file_loads(folder, regen, reference_sd, tmp_path):

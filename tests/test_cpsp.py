@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from avel.models import build_model, cpsp
 
+from _support.followups import assert_convert_refuses, eval_loss_before_and_after_training, forward_recording, load_npz
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = {False: 1e-5, True: 1e-10}
@@ -19,13 +21,7 @@ TOL = {False: 1e-5, True: 1e-10}
 
 @pytest.fixture(scope="module")
 def inputs(followups):
-    with np.load(followups / "inputs.npz") as f:
-        return {k: f[k] for k in f.files}
-
-
-def load_npz(path):
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+    return load_npz(followups / "inputs.npz")
 
 
 def reference_state_dict(regen, followups, variant):
@@ -48,21 +44,8 @@ def run(model, inputs, double, b8=False, capture=()):
     suffix = "_b8" if b8 else ""
     audio = torch.from_numpy(inputs["audio" + suffix]).to(dtype)
     visual = torch.from_numpy(inputs["visual" + suffix]).to(dtype)
-    seen, handles = {}, []
-
-    def hook(name):
-        def record(module, args, output):          # returns None: the output is left as it is
-            seen.setdefault(name, output)
-        return record
-
-    for name in capture:
-        handles.append(model.get_submodule(name).register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            out = model(audio, visual)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = {}
+    out = forward_recording(model, audio, visual, capture, lambda name, args, output: seen.setdefault(name, output))
     return out, seen
 
 
@@ -334,21 +317,8 @@ def test_trains_and_contract(name, task):
         assert all(t.shape == (8,) for t in terms.values())
         return sum(model.loss_weights[k] * t.mean() for k, t in terms.items())
 
-    # Dropout makes the training-mode loss noisy (and the AVPS term jumps where a cosine crosses 0):
-    # compare the eval-mode loss before and after a few training steps.
-    model.eval()
-    with torch.no_grad():
-        start = total().item()
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(30):
-        loss = total()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        assert total().item() < start
+    start, end = eval_loss_before_and_after_training(model, total)
+    assert end < start
 
 
 @pytest.mark.parametrize("cls,variant", [(cpsp.CPSP, "cpsp"), (cpsp.CPSPWeak, "cpsp_weak")])
@@ -359,15 +329,5 @@ def test_convert_reference_checks(followups, regen, cls, variant):
     assert len(converted) == len(sd) - len(cpsp.CPSP_UNUSED_REFERENCE_KEYS)
     assert all(v.dtype == torch.float64 for v in converted.values())
     assert cls.reference_classes == ()
-    missing = dict(sd)
-    missing.pop("event_classifier.0.bias")
-    with pytest.raises(ValueError, match="event_classifier.0.bias"):
-        cls.convert_reference(missing)
-    wrong = dict(sd)
-    wrong["psp.a_fc.weight"] = torch.zeros(256, 255, dtype=torch.float64)
-    with pytest.raises(ValueError, match="psp.a_fc.weight"):
-        cls.convert_reference(wrong)
-    extra = dict(sd)
-    extra["L3.weight"] = torch.zeros(64, 256, dtype=torch.float64)
-    with pytest.raises(ValueError, match="L3.weight"):
-        cls.convert_reference(extra)
+    assert_convert_refuses(cls, sd, missing="event_classifier.0.bias", wrong=("psp.a_fc.weight", torch.zeros(256, 255, dtype=torch.float64)),
+                           extra=("L3.weight", torch.zeros(64, 256, dtype=torch.float64)))

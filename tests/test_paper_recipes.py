@@ -83,6 +83,13 @@ class Fact:
     phrase: str         # the README text it was read from
 
 
+def _multistep(f: dict, readme, m) -> None:
+    """A MultiStepLR match (group 1 the milestone list, group 2 gamma) -> the recipe's schedule fields."""
+    f["optim.schedule"] = _fact(readme, m, "multistep")
+    f["optim.milestones"] = _fact(readme, m, tuple(int(x) for x in m.group(1).split(",")))
+    f["optim.gamma"] = _fact(readme, m, float(m.group(2)))
+
+
 def _fact(readme: Readme, m: re.Match, value) -> Fact:
     return Fact(value, readme.where(m.start()), " ".join(m.group(0).split()))
 
@@ -157,10 +164,7 @@ def cpsp_schedule(readme: Readme) -> dict[str, Fact]:
     m = readme.find(span, rx(r"\bno weight decay\b", re.I), "weight decay")
     f["optim.weight_decay"] = _fact(readme, m, 0.0)
     # "MultiStepLR milestones [10, 20, 30], gamma 0.5, stepped once per epoch"
-    m = readme.find(span, rx(rf"MultiStepLR milestones \[([\d,\s]+)\], gamma {NUM}"), "LR schedule")
-    f["optim.schedule"] = _fact(readme, m, "multistep")
-    f["optim.milestones"] = _fact(readme, m, tuple(int(x) for x in m.group(1).split(",")))
-    f["optim.gamma"] = _fact(readme, m, float(m.group(2)))
+    _multistep(f, readme, readme.find(span, rx(rf"MultiStepLR milestones \[([\d,\s]+)\], gamma {NUM}"), "LR schedule"))
     # cpsp: "Gradient norm clipped to 0.1"; cpsp_weak: "gradient norm clip 0.1"
     m = readme.find(span, rx(rf"\bgradient norm clip(?:ped to)? {NUM}", re.I), "gradient clipping")
     f["optim.grad_clip"] = _fact(readme, m, float(m.group(1)))
@@ -195,10 +199,8 @@ def cmbs_recipe(readme: Readme) -> dict[str, Fact]:
     m = readme.find(span, rx(r"\bno weight decay\b", re.I), "weight decay")
     f["optim.weight_decay"] = _fact(readme, m, 0.0)
     # "  LR schedule       MultiStepLR(milestones [10, 20, 30], gamma 0.5), stepped once per epoch"
-    m = readme.find(span, rx(rf"MultiStepLR\(milestones \[([\d,\s]+)\], gamma {NUM}\)"), "LR schedule")
-    f["optim.schedule"] = _fact(readme, m, "multistep")
-    f["optim.milestones"] = _fact(readme, m, tuple(int(x) for x in m.group(1).split(",")))
-    f["optim.gamma"] = _fact(readme, m, float(m.group(2)))
+    _multistep(f, readme, readme.find(span, rx(rf"MultiStepLR\(milestones \[([\d,\s]+)\], gamma {NUM}\)"),
+                                      "LR schedule"))
     # "  grad clip         0.5     supv_train.sh:4: clip_grad_norm_ ..."
     m = readme.find(span, rx(rf"^ grad clip {NUM}", re.M), "grad clip")
     f["optim.grad_clip"] = _fact(readme, m, float(m.group(1)))

@@ -11,6 +11,8 @@ import torch
 
 from avel.models import build_model, psp
 
+from _support.followups import assert_convert_refuses, eval_loss_before_and_after_training, forward_recording, load_npz
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 1e-5          # float32 reference values; float32 and float64 avel runs alike (README: <= 2.4e-6)
@@ -18,13 +20,7 @@ ATOL = 1e-5          # float32 reference values; float32 and float64 avel runs a
 
 @pytest.fixture(scope="module")
 def inputs(followups):
-    with np.load(followups / "inputs.npz") as f:
-        return {k: f[k] for k in f.files}
-
-
-def load_npz(path):
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+    return load_npz(followups / "inputs.npz")
 
 
 def build(cls, followups, regen, variant, double=False):
@@ -41,21 +37,8 @@ def run(model, inputs, double, capture=()):
     dtype = torch.float64 if double else torch.float32
     audio = torch.from_numpy(inputs["audio"]).to(dtype)
     visual = torch.from_numpy(inputs["visual"]).to(dtype)
-    seen, handles = {}, []
-
-    def hook(name):
-        def record(module, args, output):          # returns None: the output is left as it is
-            seen.setdefault(name, (args, output))
-        return record
-
-    for name in capture:
-        handles.append(model.get_submodule(name).register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            out = model(audio, visual)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = {}
+    out = forward_recording(model, audio, visual, capture, lambda name, args, output: seen.setdefault(name, (args, output)))
     return out, seen
 
 
@@ -228,21 +211,8 @@ def test_trains_and_contract(name, task, extra):
         terms = model.loss_terms(model(batch["audio"], batch["visual"]), batch, task)
         return sum(model.loss_weights[k] * t.mean() for k, t in terms.items())
 
-    # Dropout makes the training-mode loss noisy (and the AVPS term jumps where a cosine crosses 0):
-    # compare the eval-mode loss before and after a few training steps.
-    model.eval()
-    with torch.no_grad():
-        start = total().item()
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(30):
-        loss = total()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        assert total().item() < start
+    start, end = eval_loss_before_and_after_training(model, total)
+    assert end < start
 
 
 @pytest.mark.parametrize("cls,variant,unused", [(psp.PSP, "psp", psp.PSP_UNUSED_REFERENCE_KEYS),
@@ -255,18 +225,8 @@ def test_convert_reference_checks(followups, regen, cls, variant, unused):
     assert len(converted) == len(sd) - len(unused)
     assert all(converted[k].dtype == torch.float32 for k in converted)
     assert cls.reference_classes[0] == ("fully_model.psp_net" if variant == "psp" else "weakly_model.psp_net")
-    missing = dict(sd)
-    missing.pop("psp.v_L2.weight")
-    with pytest.raises(ValueError, match="psp.v_L2.weight"):
-        cls.convert_reference(missing)
-    wrong = dict(sd)
-    wrong["psp.layer_norm.bias"] = torch.zeros(255)
-    with pytest.raises(ValueError, match="psp.layer_norm.bias"):
-        cls.convert_reference(wrong)
-    extra = dict(sd)
-    extra["spurious.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match="spurious.weight"):
-        cls.convert_reference(extra)
+    assert_convert_refuses(cls, sd, missing="psp.v_L2.weight", wrong=("psp.layer_norm.bias", torch.zeros(255)),
+                           extra=("spurious.weight", torch.zeros(1)))
     # float64 in, float64 out (renames only).
     _, as64 = cls.convert_reference({k: v.double() for k, v in sd.items()})
     assert all(v.dtype == torch.float64 for v in as64.values())
