@@ -101,7 +101,10 @@ class SupervisedTask:
         return sum(self.loss_terms(model, batch).values())
 
     def predict(self, model, batch: dict) -> dict[str, np.ndarray]:
-        out = model(batch["audio"], batch["visual"])
+        return self.predictions(model(batch["audio"], batch["visual"]), batch)
+
+    def predictions(self, out: dict, batch: dict) -> dict[str, np.ndarray]:
+        """What the evaluator collects from one batch's model outputs."""
         pred = {"scores": out["segment_scores"].float().cpu().numpy(), "target": batch["target"].cpu().numpy(),
                 "index": batch["index"].cpu().numpy()}
         # Other decision rules a model declares (``<rule>_segment_scores``) are scored beside its own.
@@ -150,9 +153,8 @@ class WeakTask(SupervisedTask):
         return {"video": segment_losses(out["logits"].max(dim=1).values, batch["video_label"], self.loss,
                                         self.label_smoothing)}
 
-    def predict(self, model, batch: dict) -> dict[str, np.ndarray]:
-        out = model(batch["audio"], batch["visual"])
-        pred = super().predict(_Precomputed(out), batch)
+    def predictions(self, out: dict, batch: dict) -> dict[str, np.ndarray]:
+        pred = super().predictions(out, batch)
         pred["video_scores"] = video_scores(out).float().cpu().numpy()
         pred["video_label"] = batch["video_label"].cpu().numpy()
         return pred
@@ -172,16 +174,6 @@ def video_scores(out: dict) -> torch.Tensor:
         return out["logits"].max(dim=1).values.softmax(-1)
     best = out["segment_scores"].max(dim=1).values                       # [B, C]
     return best / best.sum(-1, keepdim=True).clamp_min(torch.finfo(best.dtype).tiny)
-
-
-@dataclass
-class _Precomputed:
-    """Stands in for a model whose forward already ran (so predict runs it once)."""
-
-    out: dict
-
-    def __call__(self, audio, visual) -> dict:
-        return self.out
 
 
 def background_rows(store, num_classes: int) -> SegmentRows:

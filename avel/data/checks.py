@@ -124,11 +124,7 @@ def check_folder(root: str | Path, *, scan_values: bool = True, chunk: int = 64)
         info = {"shape": list(rows.shape), "dtype": str(rows.dtype)}
         shapes[name] = rows.shape
         if scan_values:
-            nonfinite = 0
-            ds = rows._dataset()
-            for lo in range(0, rows.shape[0], chunk):
-                block = ds[lo:lo + chunk]
-                nonfinite += int(block.size - np.isfinite(block).sum())
+            nonfinite = sum(int(b.size - np.isfinite(b).sum()) for b in rows.blocks(chunk))
             rows.close()
             info["nonfinite"] = nonfinite
             if nonfinite:

@@ -147,6 +147,12 @@ class H5Rows(_ProcessLocal):
             return out
         return np.take(out, inverse.reshape(-1), axis=0, out=self._pool.get((len(idx), *self.shape[1:]), np.float32))
 
+    def blocks(self, rows: int):
+        """The stored rows in their own dtype, ``rows`` at a time (for scans that never hold the whole file)."""
+        ds = self._dataset()
+        for lo in range(0, self.shape[0], rows):
+            yield ds[lo:lo + rows]
+
     def read_all(self) -> np.ndarray:
         """For small files only (labels, orders)."""
         return np.asarray(self._dataset()[()])
